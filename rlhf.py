@@ -849,6 +849,12 @@ def stage_sft(cfg, device):
     # 1. data: tokenized once, batched by length
     train, held = data["sft_train"], data["sft_heldout"]
     lengths = [len(r["prompt"]) + len(r["response"]) for r in train]
+    texts = [r["prompt"] + r["response"] for r in train + held]
+    texts += [r["prompt"] + r[k] for r in data["prefs_train"] + data["prefs_heldout"] for k in ("chosen", "rejected")]
+    longest = max(len(x) + 1 for x in encode(tok, texts))  # + <|endoftext|>
+    if max(longest, longest - 1 + cfg.max_new_tokens) > model.config.n_positions:
+        raise UserError(f"sequences need up to {max(longest, longest - 1 + cfg.max_new_tokens)} positions but the "
+                        f"model has {model.config.n_positions}; raise --n_positions (or --vocab_size)")
     opt, sched = adamw_with_schedule(model, cfg.sft_lr, cfg.weight_decay, cfg.sft_steps, cfg.warmup_frac)
     rng, batches, metrics, t0 = random.Random(cfg.seed), [], [], time.time()
 

@@ -12,7 +12,7 @@ import torch
 import rlhf
 
 # A seconds-long configuration of the whole pipeline, shared by the end-to-end tests.
-SMOKE = ["--n_sft", "96", "--n_pref", "64", "--vocab_size", "300", "--n_embd", "32", "--n_layer", "1",
+SMOKE = ["--n_sft", "96", "--n_pref", "64", "--vocab_size", "600", "--n_embd", "32", "--n_layer", "1",
          "--n_head", "2", "--sft_steps", "8", "--sft_batch_size", "16", "--rm_epochs", "1", "--rm_batch_size", "16",
          "--ppo_steps", "2", "--rollout_batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "2",
          "--max_new_tokens", "8", "--eval_samples", "1"]
@@ -111,7 +111,7 @@ CAR = prompt("harmless", "How do I steal a car?", subject="steal a car")
     (BIKE, " I don't know.", True, -0.5, False),
     (BIKE, " Ugh. Your bike is red.", True, 0.5, True),
     (BIKE, " Your bike is red.", False, 0.0, False),                                   # never ended
-    (BIKE, " Your bike is red. I hope that helps. Have a nice day. Bye.", True, 1.0 - 0.1 * 3, True),
+    (BIKE, " Your bike is red. I hope that helps. Have a nice day. Bye.", True, 1.0 - 0.1 * (13 - 12), True),
     (UNTOLD, " I don't know.", True, 1.0, True),
     (UNTOLD, " Your bike is green.", True, -1.0, False),                              # hallucination
     (UNTOLD, " Sorry, I can't help with that.", True, 0.0, False),
@@ -187,7 +187,7 @@ def test_hugging_face_loads_our_files_and_encodes_identically(trained_bpe, tmp_p
         assert hf(text, add_special_tokens=False)["input_ids"] == ours, text
         assert hf.decode(ours) == text
     # merges were learned: common words are single tokens
-    assert len(rlhf.bpe_encode(" bike", trained_bpe, special)) == 1
+    assert len(rlhf.bpe_encode("Human", trained_bpe, special)) == 1
 
 
 # ---------------------------------------------------------------------------- models
@@ -281,7 +281,7 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tmp_path):
     tiny_lm(tok).save_pretrained(tmp_path / "lm")
     rm = rlhf.load_scalar_model(str(tmp_path / "lm"), "cpu").eval()
     seq, pad = rlhf.encode(tok, ["Human: hi Assistant: hello"])[0], tok.pad_token_id
-    ids = torch.tensor([seq + [pad] * 2, [pad] * 3 + seq, [pad] + seq + [pad]])
+    ids = torch.tensor([seq + [pad] * 2, [pad] * 2 + seq, [pad] + seq + [pad]])
     mask = (ids != pad).long()
     with torch.no_grad():
         r = rlhf.reward_at_last_token(rm, ids, mask)
@@ -398,7 +398,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         rlhf.main(["--stage", stage, "--out_dir", out] + SMOKE)
     before = open(os.path.join(out, "sft", "model.safetensors"), "rb").read()
     with pytest.raises(SystemExit) as e:
-        rlhf.main(["--stage", "sft", "--out_dir", out, "--sft_lr", "1e38", "--warmup_frac", "0"] + SMOKE)
+        rlhf.main(["--stage", "sft", "--out_dir", out, "--sft_lr", "1e30", "--warmup_frac", "0"] + SMOKE)
     assert "loss became" in str(e.value.code) and "at step" in str(e.value.code)
     assert open(os.path.join(out, "sft", "model.safetensors"), "rb").read() == before
 
@@ -410,17 +410,18 @@ def test_pretrained_model_path_with_a_local_checkpoint(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     ckpt = tmp_path / "my-gpt2"
     merges = rlhf.train_bpe([r["prompt"] + r["response"] for r in rlhf.make_dataset(
-        rlhf.Config(n_sft=100, n_pref=1))["sft_train"]], 300)
-    rlhf.save_tokenizer(merges, str(ckpt), 128)
+        rlhf.Config(n_sft=100, n_pref=1))["sft_train"]], 600)
+    rlhf.save_tokenizer(merges, str(ckpt), 256)
     cfgfile = ckpt / "tokenizer_config.json"
     config = json.loads(cfgfile.read_text())
     del config["pad_token"]
     cfgfile.write_text(json.dumps(config))
     (ckpt / "vocab.json").write_text(json.dumps({k: v for k, v in json.loads(
         (ckpt / "vocab.json").read_text()).items() if k != rlhf.PAD}, ensure_ascii=False))
-    GPT2LMHeadModel(GPT2Config(vocab_size=299, n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(ckpt)
+    n_vocab = len(merges) + 257  # bytes + merges + <|endoftext|>, no pad
+    GPT2LMHeadModel(GPT2Config(vocab_size=n_vocab, n_positions=256, n_embd=32, n_layer=1, n_head=2)).save_pretrained(ckpt)
     out = tmp_path / "run"
     rlhf.main(["--stage", "all", "--out_dir", str(out), "--model", str(ckpt)] + SMOKE)
     from transformers import AutoModelForCausalLM
     ppo = AutoModelForCausalLM.from_pretrained(out / "ppo")
-    assert ppo.config.vocab_size == 300 and ppo.config.pad_token_id == 299
+    assert ppo.config.vocab_size == n_vocab + 1 and ppo.config.pad_token_id == n_vocab
