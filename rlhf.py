@@ -82,15 +82,15 @@ class Config:
     warmup_frac: float = arg(0.1, "share of SFT/RM steps spent warming the learning rate up (then cosine decay)")
     weight_decay: float = arg(0.01, "AdamW weight decay for SFT and RM")
     # stage 2: reward model
-    rm_epochs: int = arg(2, "passes over the preference pairs")
+    rm_epochs: int = arg(3, "passes over the preference pairs")
     rm_batch_size: int = arg(32, "RM batch size (pairs)")
-    rm_lr: float = arg(2e-3, "RM peak learning rate (AdamW)")
+    rm_lr: float = arg(5e-4, "RM peak learning rate (AdamW)")
     # stage 3: PPO
     ppo_steps: int = arg(60, "PPO iterations (rollout + update)")
     rollout_batch_size: int = arg(64, "prompts per PPO iteration")
     ppo_epochs: int = arg(4, "passes over each rollout batch")
     minibatch_size: int = arg(32, "PPO minibatch size")
-    ppo_lr: float = arg(3e-4, "policy learning rate (Adam)")
+    ppo_lr: float = arg(6e-4, "policy learning rate (Adam)")
     critic_lr: float = arg(1e-3, "critic learning rate (Adam)")
     clip_range: float = arg(0.2, "PPO ratio clip epsilon")
     value_clip_range: float = arg(0.2, "value clip epsilon (around the rollout values)")
@@ -437,11 +437,12 @@ def bytes_to_unicode():
     Example: bytes_to_unicode()[ord(' ')] -> 'Ġ',  [ord('a')] -> 'a'
     """
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
+    cs, n = bs[:], 0
     for b in range(256):
-        if b not in bs:  # bytes that would print badly go to 256, 257, ...
+        if b not in bs:  # bytes that would print badly (space, control bytes) go to 256, 257, ...
             bs.append(b)
-            cs.append(256 + len(cs) - 188)
+            cs.append(256 + n)
+            n += 1
     return dict(zip(bs, map(chr, cs)))
 
 
@@ -990,12 +991,12 @@ def stage_rm(cfg, device):
         sched.step()
         opt.zero_grad(set_to_none=True)
         row = dict(step=step, loss=loss.item(), acc=(r_chosen > r_rejected).float().mean().item())
-        if step % 50 == 0 or step == len(batches):
+        if step % 100 == 0 or step == len(batches):
             row.update({f"heldout_{k}": v for k, v in rm_accuracy(rm, tok, held, device).items()})
         metrics.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}",
                         gold=f"{[m for m in metrics if 'heldout_acc_gold' in m][-1]['heldout_acc_gold']:.2f}"
-                        if step >= 50 else "-")
+                        if step >= 100 else "-")
     # 3. normalise: the SFT policy's samples score mean 0, std 1 under the RM [Ziegler]
     sft = load_lm(os.path.join(cfg.out_dir, "sft"), device)
     train_prompts = [p["prompt"] for p in data["prompts"] if p["split"] == "train"]
