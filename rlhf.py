@@ -10,8 +10,8 @@ can check that RLHF makes the policy better by the human's own measure, not only
 reward model's.
 
 Run it (read tutorial.md beside this file):
-  python rlhf.py --stage all                                  # every stage, a few CPU minutes
-  python rlhf.py --stage all --out_dir runs/smoke --sft_steps 30 --rm_epochs 1 --ppo_steps 3  # seconds
+  python rlhf.py --stage all                                  # every stage, ~3 min on a 2-core CPU
+  python rlhf.py --stage all --out_dir runs/smoke --n_sft 300 --n_pref 300 --sft_steps 30 --rm_epochs 1 --ppo_steps 3 --eval_samples 1  # ~15 s
   python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --out_dir runs/default  # reward hacking
   python rlhf.py --stage all --model gpt2 --device cuda       # pretrained GPT-2 (local copy or hub)
   python rlhf.py --stage eval                                 # re-evaluate SFT vs PPO
