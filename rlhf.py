@@ -696,16 +696,6 @@ def decode_responses(tok, r_ids, r_mask):
 
 
 @torch.no_grad()
-def rm_scores(rm, ids, mask, ended, cfg):
-    """Normalised reward-model score at the last real token, minus the missing-EOS penalty.
-    ids, mask: (B, T) with right-side padding after the response -> (B,)
-    """
-    raw = reward_at_last_token(rm, ids, mask)                          # (B,)
-    score = (raw - rm.config.reward_mean) / rm.config.reward_std       # SFT samples score mean 0, std 1 [Ziegler]
-    return score - cfg.missing_eos_penalty * (~ended).float()         # a response that never ends [NDetails]
-
-
-@torch.no_grad()
 def evaluate_policy(policy, tok, prompts, cfg, device, rm=None, ref=None):
     """Sample cfg.eval_samples responses per prompt and score them with the simulated human
     (and the reward model / KL to the reference when given). Returns per-sample records."""
@@ -718,7 +708,9 @@ def evaluate_policy(policy, tok, prompts, cfg, device, rm=None, ref=None):
         with autocast(device):
             score = rm_scores(rm, ids, mask, ended, cfg) if rm is not None else None
             kl = None
-            if ref is not None:
+            if ref is policy:
+                kl = torch.zeros(len(prompts))  # KL(π || π) = 0: no need for two forward passes
+            elif ref is not None:
                 n = q_ids.shape[1]
                 lp = logprobs_of(response_logits(policy, ids, mask, n, cfg.temperature), r_ids)
                 ref_lp = logprobs_of(response_logits(ref, ids, mask, n, cfg.temperature), r_ids)
@@ -847,7 +839,7 @@ def stage_sft(cfg, device):
     prompts = [p for p in data["prompts"] if p["split"] == "heldout"]
     model = new_policy(cfg, tok).to(device)
     print(f"SFT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-    # 1. data: tokenized once, batched by length
+    # 1. data: batches of similar length, tokenized as they are drawn (the corpus is small)
     train, held = data["sft_train"], data["sft_heldout"]
     lengths = [len(r["prompt"]) + len(r["response"]) for r in train]
     texts = [r["prompt"] + r["response"] for r in train + held]
@@ -932,6 +924,16 @@ def reward_at_last_token(rm, ids, mask):
     """
     last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # index of the last 1 in each row of mask
     return token_values(rm, ids, mask)[torch.arange(len(ids)), last]
+
+
+@torch.no_grad()
+def rm_scores(rm, ids, mask, ended, cfg):
+    """Normalised reward-model score at the last real token, minus the missing-EOS penalty.
+    ids, mask: (B, T), left-padded prompt + right-padded response -> (B,)
+    """
+    raw = reward_at_last_token(rm, ids, mask)                          # (B,)
+    score = (raw - rm.config.reward_mean) / rm.config.reward_std       # SFT samples score mean 0, std 1 [Ziegler]
+    return score - cfg.missing_eos_penalty * (~ended).float()         # a response that never ends [NDetails]
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
