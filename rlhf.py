@@ -195,11 +195,11 @@ def read_jsonl(path):
 
 
 def update_summary(cfg, stage, figures):
-    """summary.json keeps one entry per stage; rerunning a stage replaces its entry."""
+    """summary.json keeps one entry per stage, with the config that stage ran with (stages run
+    alone may have different flags); rerunning a stage replaces its entry."""
     path = os.path.join(cfg.out_dir, "summary.json")
     summary = json.load(open(path)) if os.path.exists(path) else {}
-    summary["config"] = dataclasses.asdict(cfg)
-    summary[stage] = figures
+    summary[stage] = dict(figures, config=dataclasses.asdict(cfg))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
@@ -374,7 +374,8 @@ def make_dataset(cfg):
     rng = random.Random(cfg.seed)
     prompts = build_prompts()
     rng.shuffle(prompts)
-    # Hold out a share of every family, so each family is evaluated on unseen prompts.
+    # 1. split: hold out a share of every family, so each family is evaluated on unseen prompts
+
     for fam in FAMILIES:
         rows = [p for p in prompts if p["family"] == fam]
         n_held = max(1, round(cfg.heldout_frac * len(rows)))
@@ -387,11 +388,13 @@ def make_dataset(cfg):
 
     data = {"prompts": prompts}
     for split, scale in (("train", 1.0), ("heldout", 0.25)):
+        # 2. SFT demonstrations: the crowd worker is right crowd_accuracy of the time, sometimes rude or rambling
         sft = []
         for _ in range(max(1, int(cfg.n_sft * scale))):
             p = draw(split)
             style = sample_style(rng, rude_p=0.15, ramble_p=0.15)
             sft.append(dict(prompt=p["prompt"], response=sample_response(p, rng, cfg.crowd_accuracy, style)))
+        # 3. preference pairs: two different candidates, labelled by the noisy annotator
         prefs = []
         for _ in range(max(1, int(cfg.n_pref * scale))):
             p = draw(split)
@@ -462,30 +465,40 @@ def merge(ids, pair, new_id):
 
 
 def train_bpe(texts, vocab_size):
-    """Learn vocab_size - 258 merges: repeatedly merge the most frequent adjacent pair.
+    """Learn up to vocab_size - 258 merges (the last two ids are <|endoftext|> and <|pad|>):
+      1. split the corpus into chunks with GPT2_SPLIT; pairs never cross a chunk boundary
+      2. count the adjacent pairs of token ids over all chunks
+      3. the most frequent pair becomes the next token (256, 257, ...); subtle: a tie goes to
+         the smallest pair, so training is deterministic
+      4. merge it in every chunk and repeat; stop early if no chunk has two tokens left
     Returns merges as an ordered dict {(id_a, id_b): new_id}; ids 0..255 are the bytes.
     Example: train_bpe(['aaab'], 259) -> {(97, 97): 256}
     """
-    chunks = Counter(regex.findall(GPT2_SPLIT, "".join(texts)))  # count each distinct chunk once
+    # 1. chunks as tuples of byte ids, each distinct chunk once with its count
+    chunks = Counter(regex.findall(GPT2_SPLIT, "".join(texts)))
     words = {tuple(c.encode("utf-8")): n for c, n in chunks.items()}
     merges = {}
-    for new_id in range(256, vocab_size - 2):  # the last two ids are <|endoftext|> and <|pad|>
+    for new_id in range(256, vocab_size - 2):
+        # 2. pair counts, each chunk weighted by how often it occurs
         pairs = Counter()
         for w, n in words.items():
             for pair in zip(w, w[1:]):
                 pairs[pair] += n
         if not pairs:
             break  # every chunk is a single token already
-        # the most frequent pair; subtle: ties broken by the smaller pair, so training is deterministic
+        # 3. the most frequent pair; ties to the smaller pair
         best = max(pairs, key=lambda pr: (pairs[pr], -pr[0], -pr[1]))
         merges[best] = new_id
+        # 4. merge it everywhere
         words = {tuple(merge(list(w), best, new_id)): n for w, n in words.items()}
     return merges
 
 
 def bpe_encode_chunk(chunk, merges):
-    """Encode one pre-tokenized chunk: apply the earliest-learned merge present, repeat.
-    subtle: merges are applied by rank (training order), not by frequency in this chunk.
+    """Encode one pre-tokenized chunk: start from its UTF-8 bytes, apply the earliest-learned
+    merge among the adjacent pairs present, repeat until no adjacent pair is a merge.
+    subtle: merges are applied by rank (training order), not left to right or by frequency.
+    Example: bpe_encode_chunk('abc', {(98, 99): 256, (97, 98): 257}) -> [97, 256]
     """
     ids = list(chunk.encode("utf-8"))
     while len(ids) >= 2:
@@ -828,6 +841,7 @@ def sft_batch(tok, rows, device):
 def sft_loss(model, ids, mask, loss_mask):
     """Cross-entropy of the response tokens given everything before them.
     L = -(1/N) Σ_{t ∈ response} log π(x_t | x_<t)      (prompt tokens and padding carry no loss)
+    ids, mask, loss_mask: (B, T), right-padded; loss_mask is 1 on response tokens -> scalar
     """
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
     logp = logprobs_of(logits[:, :-1].float(), ids[:, 1:])  # (B, T-1): position t predicts token t+1
@@ -850,6 +864,7 @@ def stage_sft(cfg, device):
                         f"model has {model.config.n_positions}; raise --n_positions (or --vocab_size)")
     opt, sched = adamw_with_schedule(model, cfg.sft_lr, cfg.weight_decay, cfg.sft_steps, cfg.warmup_frac)
     rng, batches, metrics, t0 = random.Random(cfg.seed), [], [], time.time()
+    last_held = None  # the latest held-out loss, shown on the progress bar
 
     @torch.no_grad()
     def heldout_loss():
@@ -878,9 +893,9 @@ def stage_sft(cfg, device):
         opt.zero_grad(set_to_none=True)
         row = dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0])
         if step % 50 == 0 or step == cfg.sft_steps:
-            row["heldout_loss"] = heldout_loss()
+            row["heldout_loss"] = last_held = heldout_loss()
         metrics.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", held=f"{metrics[-1].get('heldout_loss', float('nan')):.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", held="-" if last_held is None else f"{last_held:.3f}")
     train_s = time.time() - t0
     # 4. save, then look at samples with the simulated human's eyes
     save_atomically(model, os.path.join(cfg.out_dir, "sft"))
@@ -1089,6 +1104,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip_range):
 def update_kl_coef(kl_coef, kl, cfg, n_samples):
     """Adaptive KL controller [Ziegler §2.2]: push β so that KL tracks the target.
     e = clip(KL / KL_target − 1, −0.2, 0.2);   β ← β·(1 + e·n / horizon)
+    n: samples in this batch; target and horizon from cfg; β is returned unchanged if not cfg.adaptive_kl.
     Example: β 0.1, KL 2·target, n = horizon -> 0.12
     """
     if not cfg.adaptive_kl:
@@ -1238,16 +1254,18 @@ def stage_eval(cfg, device):
     rm = load_scalar_model(require(cfg, "rm", "rm"), device)
     prompts = [p for p in data["prompts"] if p["split"] == "heldout"]
     t0 = time.time()
+    # 1. sample both policies on the held-out prompts; score by the human, the RM and the KL to SFT
     torch.manual_seed(cfg.seed + 1)
     records = {"sft": evaluate_policy(sft, tok, prompts, cfg, device, rm, ref=sft),
                "ppo": evaluate_policy(ppo, tok, prompts, cfg, device, rm, ref=sft)}
     figures = {name: summarize(recs) for name, recs in records.items()}
-    # win rate: the same prompt and sample index, judged by the gold score; ties count half
+    # 2. win rate: the same prompt and sample index, judged by the gold score; ties count half
     wins = [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0
             for a, b in zip(records["ppo"], records["sft"])]
     figures["win_rate_ppo_over_sft"] = sum(wins) / len(wins)
     figures["n_prompts"], figures["n_samples"] = len(prompts), len(records["ppo"])
     figures["wall_s"] = round(time.time() - t0, 1)
+    # 3. the table (eval.md) and side-by-side samples (samples.md)
     table = eval_table(figures)
     print(table)
     with open(os.path.join(cfg.out_dir, "eval.md"), "w", encoding="utf-8") as f:

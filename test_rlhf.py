@@ -1,10 +1,15 @@
 """Tests for rlhf.py, one group per section of the script, in the same order.
 Run: python -m pytest -q            (about a minute on 2 CPU cores)
 """
+import dataclasses
 import json
 import math
 import os
 import random
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,9 +23,9 @@ SMOKE = ["--n_sft", "96", "--n_pref", "64", "--vocab_size", "600", "--n_embd", "
          "--max_new_tokens", "8", "--eval_samples", "1"]
 
 
-def tiny_tokenizer(folder, texts=("hello world", "Human: hi Assistant: hello")):
-    merges = rlhf.train_bpe(list(texts) * 3, 270)
-    rlhf.save_tokenizer(merges, str(folder), 64)
+def tiny_tokenizer(folder):
+    """Bytes only, no merges: the model tests then need none of the tokenizer exercises."""
+    rlhf.save_tokenizer({}, str(folder), 64)
     return rlhf.load_tokenizer(str(folder))
 
 
@@ -63,9 +68,14 @@ def test_stage_before_its_prerequisite_says_what_to_run(tmp_path):
 
 # ---------------------------------------------------------------------------- utilities
 
-def test_masked_mean_and_whiten_ignore_padding():
+def test_masked_mean_ignores_padding():
     x, m = torch.tensor([1.0, 2.0, 9.0]), torch.tensor([1.0, 1.0, 0.0])
     assert rlhf.masked_mean(x, m).item() == pytest.approx(1.5)
+    x2, m2 = torch.tensor([[1.0, 3.0], [5.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert rlhf.masked_mean(x2, m2, dim=1).tolist() == [2.0, 5.0]
+
+
+def test_masked_whiten_ignores_padding():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
     w = rlhf.masked_whiten(x, m)
@@ -150,11 +160,31 @@ def test_dataset_splits_are_disjoint_seeded_and_labelled():
 
 # ---------------------------------------------------------------------------- tokenizer
 
-def test_merge_and_train_bpe_examples():
+def test_merge_and_bytes_to_unicode_examples():
     assert rlhf.merge([5, 6, 5, 6, 7], (5, 6), 99) == [99, 99, 7]
-    assert rlhf.train_bpe(["aaab"], 259) == {(97, 97): 256}
+    assert rlhf.merge([5, 5, 5], (5, 5), 99) == [99, 5]  # left to right, no overlaps
     b2u = rlhf.bytes_to_unicode()
     assert len(set(b2u.values())) == 256 and b2u[ord("a")] == "a" and b2u[ord(" ")] == "Ġ"
+
+
+def test_train_bpe_learns_the_most_frequent_pair_first():
+    assert rlhf.train_bpe(["aaab"], 259) == {(97, 97): 256}
+    # chunks "ab", " ab", " abc": (a, b) occurs 3 times, then (' ', ab) twice
+    assert rlhf.train_bpe(["ab ab abc"], 260) == {(97, 98): 256, (32, 256): 257}
+    # pairs never cross chunk boundaries: no (b, !) or (!, a) here
+    assert rlhf.train_bpe(["ab!ab!"], 300) == {(97, 98): 256}
+    # a tie (each pair once) goes to the smallest pair: (' ', c) = (32, 99)
+    assert rlhf.train_bpe(["ab cd"], 259) == {(32, 99): 256}
+    assert rlhf.train_bpe(["a!b"], 300) == {}  # chunks "a", "!", "b": no pair to merge, stop early
+    assert list(rlhf.train_bpe(["hello hello world"], 262).values()) == [256, 257, 258, 259]
+
+
+def test_bpe_encode_chunk_applies_merges_by_rank():
+    # (b, c) was learned before (a, b), so it is applied first, though (a, b) comes first in the text
+    assert rlhf.bpe_encode_chunk("abc", {(98, 99): 256, (97, 98): 257}) == [97, 256]
+    assert rlhf.bpe_encode_chunk("abc", {(97, 98): 256, (98, 99): 257}) == [256, 99]
+    assert rlhf.bpe_encode_chunk("aaaaa", {(97, 97): 256, (256, 256): 257}) == [257, 97]
+    assert rlhf.bpe_encode_chunk("é", {}) == [0xC3, 0xA9]  # bytes of the UTF-8 encoding
 
 
 HARD_STRINGS = ["Hello   world  ", "你好，世界！🙂🎉", "a\n\n\n b\t\tc  \n", "What's 2 plus 3?<|endoftext|>x",
@@ -168,7 +198,7 @@ def trained_bpe():
 
 
 @pytest.mark.parametrize("text", HARD_STRINGS)
-def test_bpe_round_trip(text, trained_bpe):
+def test_bpe_encode_round_trip(text, trained_bpe):
     vocab = rlhf.bpe_vocab(trained_bpe)
     special = {rlhf.EOT: 398, rlhf.PAD: 399}
     vocab.update({i: s.encode() for s, i in special.items()})
@@ -176,7 +206,7 @@ def test_bpe_round_trip(text, trained_bpe):
     assert b"".join(vocab[i] for i in ids).decode("utf-8") == text
 
 
-def test_hugging_face_loads_our_files_and_encodes_identically(trained_bpe, tmp_path):
+def test_bpe_encode_equals_hugging_face_on_our_saved_files(trained_bpe, tmp_path):
     rlhf.save_tokenizer(trained_bpe, str(tmp_path), 64)
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -196,7 +226,7 @@ def test_position_ids_skip_left_padding():
     assert rlhf.position_ids(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
 
 
-def test_log_probs_do_not_depend_on_left_padding(tmp_path):
+def test_position_ids_make_log_probs_independent_of_left_padding(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     model = tiny_lm(tok)
     q, r = rlhf.encode(tok, ["Human: hi Assistant:"])[0], rlhf.encode(tok, [" hello world"])[0]
@@ -262,7 +292,7 @@ def test_bradley_terry_loss_value_and_stability():
 
 
 def test_reward_model_learns_a_toy_preference(tmp_path):
-    tok = tiny_tokenizer(tmp_path, ["Human: hi Assistant: good bad good bad"])
+    tok = tiny_tokenizer(tmp_path)
     tiny_lm(tok).save_pretrained(tmp_path / "lm")
     rm = rlhf.load_scalar_model(str(tmp_path / "lm"), "cpu").train()
     rows = [dict(prompt="Human: hi Assistant:", chosen=" good", rejected=" bad")] * 8
@@ -276,7 +306,7 @@ def test_reward_model_learns_a_toy_preference(tmp_path):
     assert loss.item() < 0.05
 
 
-def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tmp_path):
+def test_reward_at_last_token_whatever_the_padding(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     tiny_lm(tok).save_pretrained(tmp_path / "lm")
     rm = rlhf.load_scalar_model(str(tmp_path / "lm"), "cpu").eval()
@@ -301,7 +331,7 @@ def test_kl_shaped_rewards_put_the_score_on_the_last_real_token_only():
     assert kl[1, 2] == 0  # padding untouched
 
 
-def test_gae_equals_the_direct_sum_on_a_padded_batch():
+def test_compute_gae_equals_the_direct_sum_on_a_padded_batch():
     torch.manual_seed(0)
     B, T, gamma, lam = 4, 7, 0.9, 0.8
     rewards, values = torch.randn(B, T), torch.randn(B, T)
@@ -322,7 +352,7 @@ def test_gae_equals_the_direct_sum_on_a_padded_batch():
     assert a.tolist() == [[1.0, 1.0]]
 
 
-def test_policy_loss_is_minus_mean_advantage_at_ratio_one_and_clipped_samples_get_no_gradient():
+def test_ppo_policy_loss_is_minus_mean_advantage_at_ratio_one_and_clipped_samples_get_no_gradient():
     adv = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     old = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
@@ -336,7 +366,7 @@ def test_policy_loss_is_minus_mean_advantage_at_ratio_one_and_clipped_samples_ge
     assert clipfrac.item() == pytest.approx(2 / 3)
 
 
-def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
+def test_ppo_value_loss_takes_the_worse_of_clipped_and_unclipped():
     old, ret, mask = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
     # V = 0.1 (inside the clip): (0.1 - 1)^2;  V = 3 (outside): max((3-1)^2, (0.2-1)^2) = 4
     loss = rlhf.ppo_value_loss(torch.tensor([[0.1, 3.0]]), old, ret, mask, 0.2)
@@ -346,7 +376,7 @@ def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
     assert loss.item() == pytest.approx(0.5 * (4.0 + 0.64) / 2)
 
 
-def test_adaptive_kl_controller_rule():
+def test_update_kl_coef_follows_the_adaptive_rule():
     cfg = rlhf.Config(kl_target=3.0, kl_horizon=100)
     assert rlhf.update_kl_coef(0.1, 6.0, cfg, 100) == pytest.approx(0.12)   # error clipped at +0.2
     assert rlhf.update_kl_coef(0.1, 3.3, cfg, 50) == pytest.approx(0.1 * (1 + 0.1 * 0.5))
@@ -378,8 +408,11 @@ def test_all_stages_end_to_end(tmp_path):
     for key in ("rm_score", "gold", "kl", "kl_coef", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
                 "response_len"):
         assert math.isfinite(row[key]), key
-    # a later stage alone reruns from the files of the earlier ones
-    rlhf.main(["--stage", "eval", "--out_dir", str(out)] + SMOKE)
+    # a later stage alone reruns from the files of the earlier ones, and its entry keeps its own flags
+    rlhf.main(["--stage", "eval", "--out_dir", str(out)] + SMOKE + ["--eval_samples", "2"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["config"]["eval_samples"] == 2 and summary["ppo"]["config"]["eval_samples"] == 1
+    assert summary["eval"]["n_samples"] == 2 * summary["eval"]["n_prompts"]
 
 
 def test_a_cpu_run_repeats_exactly_with_the_same_seed(tmp_path):
@@ -425,3 +458,104 @@ def test_pretrained_model_path_with_a_local_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
     ppo = AutoModelForCausalLM.from_pretrained(out / "ppo")
     assert ppo.config.vocab_size == n_vocab + 1 and ppo.config.pad_token_id == n_vocab
+
+
+# ---------------------------------------------------------------------------- the course: tutorial.md and course.py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HAS_COURSE = os.path.exists(os.path.join(HERE, "course.py"))  # the student copy leaves course.py out
+needs_course = pytest.mark.skipif(not HAS_COURSE, reason="course.py is not in the student copy")
+
+
+def tutorial_blocks(lang):
+    text = open(os.path.join(HERE, "tutorial.md"), encoding="utf-8").read()
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def test_tutorial_code_quotes_are_lines_of_rlhf_py():
+    """Every ```python block of the tutorial quotes rlhf.py: its lines appear there, in order
+    ('...' marks a gap), so the tutorial cannot drift from the code."""
+    code = [line.strip() for line in open(rlhf.__file__, encoding="utf-8").read().splitlines()]
+    blocks = tutorial_blocks("python")
+    assert len(blocks) >= 5
+    for block in blocks:
+        at = 0
+        for line in (x.strip() for x in block.splitlines()):
+            if line and line != "...":
+                assert line in code[at:], f"tutorial.md quotes a line rlhf.py does not have (after line {at}): {line}"
+                at = code.index(line, at) + 1
+
+
+def test_tutorial_commands_parse():
+    """Every `python rlhf.py`, `python course.py` and `pytest -k` command of the tutorial (```bash
+    blocks and inline) is valid as written: known flags and values, existing subcommands,
+    tests that exist, and the error a line says it gives."""
+    if HAS_COURSE:
+        import course
+    test_names = [name for name in globals() if name.startswith("test_")]
+    text = open(os.path.join(HERE, "tutorial.md"), encoding="utf-8").read()
+    lines = [line for block in tutorial_blocks("bash") for line in block.replace("\\\n", " ").splitlines()]
+    lines += re.findall(r"`(python [^`]+)`", text)  # inline commands, such as the grading ones
+    n_commands = 0
+    for line in lines:
+        words = [re.sub(r"\$\w+", "0.1", w) for w in shlex.split(line, comments=True)]
+        if words[:2] == ["python", "rlhf.py"] and "--help" in words:
+            with pytest.raises(SystemExit) as e:
+                rlhf.build_parser().parse_args(words[2:])
+            assert e.value.code == 0
+        elif words[:2] == ["python", "rlhf.py"]:
+            cfg = rlhf.Config(**vars(rlhf.build_parser().parse_args(words[2:])))
+            cfg = dataclasses.replace(cfg, device="cpu")  # a GPU line is checked as if on a CPU
+            if "# rlhf.py: error: " in line:  # a line that shows an error must give that error
+                with pytest.raises(rlhf.UserError) as e:
+                    rlhf.check_config(cfg)
+                assert str(e.value) == line.split("# rlhf.py: error: ")[1].strip()
+            else:
+                rlhf.check_config(cfg)
+        elif words[:2] == ["python", "course.py"] and HAS_COURSE:
+            course.build_parser().parse_args(words[2:])
+        elif words[:3] == ["python", "-m", "pytest"] and "-k" in words:
+            expression = words[words.index("-k") + 1]
+            assert any(expression in name for name in test_names), f"no test matches -k {expression}"
+        else:
+            continue
+        n_commands += 1
+    assert n_commands >= 20
+
+
+@needs_course
+def test_tutorial_has_every_exercise_with_its_grading_command():
+    import course
+    text = open(os.path.join(HERE, "tutorial.md"), encoding="utf-8").read()
+    for n, (func, _, _) in course.EXERCISES.items():
+        section = text.split(f"### Exercise {n}:")[1].split("\n### ")[0]
+        assert f"`{func}(" in section and course.grading_command(n) in section, n
+        assert "Hint" in section, n
+
+
+@needs_course
+def test_student_copy_blanks_only_the_exercise_bodies():
+    import ast
+    import course
+    source = open(rlhf.__file__, encoding="utf-8").read()
+    student = course.blank_functions(source, list(course.EXERCISES))
+    names = {func: n for n, (func, _, _) in course.EXERCISES.items()}
+    full_nodes, student_nodes = ast.parse(source).body, ast.parse(student).body
+    assert len(full_nodes) == len(student_nodes)
+    for a, b in zip(full_nodes, student_nodes):
+        if isinstance(a, ast.FunctionDef) and a.name in names:
+            assert ast.dump(a.args) == ast.dump(b.args) and ast.get_docstring(a) == ast.get_docstring(b)
+            assert [type(x) for x in b.body] == [ast.Expr, ast.Raise]
+            assert f"exercise {names[a.name]}:" in ast.unparse(b.body[1])
+        else:
+            assert ast.dump(a) == ast.dump(b)  # everything else is untouched
+    # non-exercise lines (comments included) are kept byte for byte
+    assert "# Stage 3: PPO with a KL penalty" in student and student.count("\n") < source.count("\n")
+
+
+@needs_course
+def test_each_exercise_fails_without_its_code_and_passes_with_it():
+    """course.py check: on the full rlhf.py each grading command passes; on the student copy
+    it fails; with only that one exercise blank it fails, with that exercise's own error."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, "course.py"), "check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
