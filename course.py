@@ -3,7 +3,7 @@ course.py -- the instructor's side of tutorial.md: the exercise list, the studen
 the check that every exercise is graded, and the plots of the tutorial's experiments.
 Learners read rlhf.py; nothing here is part of the algorithm.
 
-  python course.py student students/          # a copy where each exercise raises NotImplementedError
+  python course.py student ../rlhf-lab        # a copy where each exercise raises NotImplementedError
   python course.py check                      # each grading test fails without its exercise, passes with it
   python course.py plot_sweep runs/beta_* --out assets/kl_sweep.png    # gold and RM score against KL
   python course.py plot_costs runs/default --out assets/compute_cost.png  # where the time goes
@@ -271,6 +271,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "student":
+        if os.path.abspath(args.out).startswith(HERE + os.sep):
+            raise SystemExit(f"course.py: error: {args.out} is inside this repository, where pytest would collect its "
+                             f"tests too; pick a folder outside, e.g. ../rlhf-lab")
         make_student_copy(args.out)
         print(f"student copy in {args.out}/: exercises {', '.join(str(n) for n in EXERCISES)} raise "
               f"NotImplementedError; grade one with e.g. `{grading_command(1)}`")

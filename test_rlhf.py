@@ -554,6 +554,21 @@ def test_student_copy_blanks_only_the_exercise_bodies():
 
 
 @needs_course
+def test_a_run_of_the_student_copy_names_the_first_missing_exercise(tmp_path):
+    import course
+    import importlib.util
+    (tmp_path / "rlhf.py").write_text(course.blank_functions(open(rlhf.__file__, encoding="utf-8").read(),
+                                                             list(course.EXERCISES)), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("rlhf_student", tmp_path / "rlhf.py")
+    student = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(student)
+    with pytest.raises(SystemExit) as e:
+        student.main(["--stage", "all", "--out_dir", str(tmp_path / "run")] + SMOKE)
+    assert str(e.value.code) == "rlhf.py: error: exercise 1: write train_bpe() (see tutorial.md, Exercises)"
+    assert (tmp_path / "run" / "data" / "sft_train.jsonl").exists()  # the stage before it finished
+
+
+@needs_course
 def test_each_exercise_fails_without_its_code_and_passes_with_it():
     """course.py check: on the full rlhf.py each grading command passes; on the student copy
     it fails; with only that one exercise blank it fails, with that exercise's own error."""
