@@ -375,7 +375,6 @@ def make_dataset(cfg):
     prompts = build_prompts()
     rng.shuffle(prompts)
     # 1. split: hold out a share of every family, so each family is evaluated on unseen prompts
-
     for fam in FAMILIES:
         rows = [p for p in prompts if p["family"] == fam]
         n_held = max(1, round(cfg.heldout_frac * len(rows)))

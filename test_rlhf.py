@@ -1,5 +1,5 @@
 """Tests for rlhf.py, one group per section of the script, in the same order.
-Run: python -m pytest -q            (about a minute on 2 CPU cores)
+Run: python -m pytest -q            (about 30 s on 2 CPU cores)
 """
 import dataclasses
 import json
