@@ -175,7 +175,8 @@ def masked_mean(x, mask, dim=None):
 
 
 def masked_whiten(x, mask):
-    """(x - mean) / std over the real positions only; padding stays 0.
+    """(x - mean) / std over the real positions only; padding stays 0. Mean and variance are
+    masked means: var = mean((x - mean)²) over the positions where mask is 1.
     subtle: whitening over padding too would shift the mean toward 0 [NDetails].
     """
     mean = masked_mean(x, mask)

@@ -486,6 +486,16 @@ def test_tutorial_code_quotes_are_lines_of_rlhf_py():
                 at = code.index(line, at) + 1
 
 
+@pytest.mark.parametrize("func", ["make_dataset", "train_bpe", "stage_sft", "stage_rm", "stage_ppo", "stage_eval"])
+def test_tutorial_lists_the_same_numbered_steps_as_the_code(func):
+    import inspect
+    code_steps = set(re.findall(r"^\s*(?:# )?(\d+)\. ", inspect.getsource(getattr(rlhf, func)), re.M))
+    text = open(os.path.join(HERE, "tutorial.md"), encoding="utf-8").read()
+    section = re.split(r"\*\*What you see|\n## ", text.split(f"**The steps of `{func}`")[1])[0]
+    tutorial_steps = set(re.findall(r"^(?:\*\*)?(\d+)\. ", section, re.M))
+    assert code_steps == tutorial_steps and len(code_steps) >= 3, (code_steps, tutorial_steps)
+
+
 def test_tutorial_commands_parse():
     """Every `python rlhf.py`, `python course.py` and `pytest -k` command of the tutorial (```bash
     blocks and inline) is valid as written: known flags and values, existing subcommands,
