@@ -12,7 +12,7 @@ reward model's.
 Run it (read tutorial.md beside this file):
   python rlhf.py --stage all                                  # every stage, ~3 min on a 2-core CPU
   python rlhf.py --stage all --out_dir runs/smoke --n_sft 300 --n_pref 300 --sft_steps 30 --rm_epochs 1 --ppo_steps 3 --eval_samples 1  # ~15 s
-  python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --out_dir runs/default  # reward hacking
+  cp -r runs/default runs/hacking && python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --out_dir runs/hacking  # reward hacking
   python rlhf.py --stage all --model gpt2 --device cuda       # pretrained GPT-2 (local copy or hub)
   python rlhf.py --stage eval                                 # re-evaluate SFT vs PPO
 
@@ -1300,7 +1300,6 @@ def main(argv=None):
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # "newly initialized score head" is expected here
         hf_logging.disable_progress_bar()
-        os.makedirs(cfg.out_dir, exist_ok=True)
         stages = STAGES if cfg.stage == "all" else (cfg.stage,)
         run = dict(data=stage_data, tokenizer=stage_tokenizer, sft=stage_sft, rm=stage_rm, ppo=stage_ppo,
                    eval=stage_eval)
