@@ -4,6 +4,7 @@ the check that every exercise is graded, and the plots of the tutorial's experim
 Learners read rlhf.py; nothing here is part of the algorithm.
 
   python course.py student ../rlhf-lab        # a copy where each exercise raises NotImplementedError
+  python course.py student ../rlhf-lab --exercises 5 7 8   # only these
   python course.py check                      # each grading test fails without its exercise, passes with it
   python course.py plot_sweep runs/beta_* --out assets/kl_sweep.png    # gold and RM score against KL
   python course.py plot_costs runs/default --out assets/compute_cost.png  # where the time goes
@@ -256,7 +257,10 @@ def plot_costs(run, out):
 def build_parser():
     p = argparse.ArgumentParser(description="Instructor tools for tutorial.md.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("student", help="write the student copy").add_argument("out", help="a new or empty folder")
+    student = sub.add_parser("student", help="write the student copy")
+    student.add_argument("out", help="a new or empty folder, outside this repository")
+    student.add_argument("--exercises", nargs="+", type=int, choices=sorted(EXERCISES), metavar="N",
+                         help="blank only these exercises (default: all)")
     sub.add_parser("check", help="check that each exercise's grading test fails without it and passes with it")
     sweep = sub.add_parser("plot_sweep", help="gold and RM score against KL, from finished runs")
     sweep.add_argument("runs", nargs="+", help="run folders with a summary.json holding an eval")
@@ -274,9 +278,10 @@ def main(argv=None):
         if os.path.abspath(args.out).startswith(HERE + os.sep):
             raise SystemExit(f"course.py: error: {args.out} is inside this repository, where pytest would collect its "
                              f"tests too; pick a folder outside, e.g. ../rlhf-lab")
-        make_student_copy(args.out)
-        print(f"student copy in {args.out}/: exercises {', '.join(str(n) for n in EXERCISES)} raise "
-              f"NotImplementedError; grade one with e.g. `{grading_command(1)}`")
+        numbers = sorted(args.exercises or EXERCISES)
+        make_student_copy(args.out, numbers)
+        print(f"student copy in {args.out}/: exercises {', '.join(map(str, numbers))} raise NotImplementedError; "
+              f"grade one with e.g. `{grading_command(numbers[0])}`")
     elif args.command == "check":
         problems = check()
         print("\n".join(problems) if problems else f"all {len(EXERCISES)} exercises are graded: each grading test "
