@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# What a student copy holds: everything a learner needs, without this file (the answers are in rlhf.py).
+# What a student copy holds: what a learner needs; not this file, whose check needs the full rlhf.py.
 STUDENT_FILES = ["rlhf.py", "test_rlhf.py", "tutorial.md", "README.md", "requirements.txt", "assets"]
 
 # number -> (function in rlhf.py, the pytest -k expression that grades it, exercises it needs first)
