@@ -7,43 +7,49 @@ The three stages of InstructGPT-style post-training, on a small GPT-2:
   3. PPO     maximise  E[R(x, y)] - beta * KL[pi(.|x) || pi_SFT(.|x)]  with PPO
 The "human" is simulated: a gold scoring function we can read (see `gold_judge`), so we
 can check that RLHF makes the policy better by the human's own measure, not only by the
-reward model's.
+reward model's. A second reward model, the judge, trained on other pairs, stands in for
+the human where there is none (your own data, `--data`).
 
 Run it (read tutorial.md beside this file):
-  python rlhf.py --stage all                                  # every stage, ~3 min on a 2-core CPU
-  python rlhf.py --stage all --out_dir runs/smoke --n_sft 300 --n_pref 300 --sft_steps 30 --rm_epochs 1 --ppo_steps 3 --eval_samples 1  # ~15 s
-  cp -r runs/default runs/hacking && python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --out_dir runs/hacking  # reward hacking
-  python rlhf.py --stage all --model gpt2 --device cuda       # pretrained GPT-2 (local copy or hub)
-  python rlhf.py --stage eval                                 # re-evaluate SFT vs PPO
+  python rlhf.py --stage all                                  # every stage, under 2 min on a 2-core CPU
+  python rlhf.py --stage all --out_dir runs/smoke --n_sft 300 --n_pref 300 --n_judge 300 --sft_steps 30 --rm_epochs 1 --ppo_steps 3 --eval_samples 1  # seconds
+  cp -r runs/default runs/hacking && python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --out_dir runs/hacking && python rlhf.py --stage eval --out_dir runs/hacking  # reward hacking
+  python rlhf.py --stage all --data my_pairs.jsonl --out_dir runs/mine           # your own preference pairs
+  python rlhf.py --stage all --model gpt2 --device cuda       # pretrained GPT-2 (or any causal LM: a local folder or a hub name)
+  torchrun --standalone --nproc_per_node 2 rlhf.py --stage all  # data-parallel over 2 processes (DDP)
 
 References:
   [InstructGPT]  Ouyang et al. 2022, Training language models to follow instructions with human feedback
   [Ziegler]      Ziegler et al. 2019, Fine-Tuning Language Models from Human Preferences
-  [NDetails]     Huang et al. 2024, The N Implementation Details of RLHF with PPO
+  [NDetails]     Huang et al. 2024, The N+ Implementation Details of RLHF with PPO
   [PPO]          Schulman et al. 2017, Proximal Policy Optimization Algorithms
   [GAE]          Schulman et al. 2016, High-Dimensional Continuous Control Using GAE
+  [Gao]          Gao et al. 2022, Scaling Laws for Reward Model Overoptimization
   [GPT-2]        Radford et al. 2019 (byte-level BPE), openai/gpt-2 encoder.py
 """
 
 import argparse
 import contextlib
 import dataclasses
+import gzip
 import json
 import math
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import regex  # GPT-2's pre-tokenizer needs \p{L} / \p{N}; a dependency of transformers
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-STAGES = ("data", "tokenizer", "sft", "rm", "ppo", "eval")
+STAGES = ("data", "tokenizer", "sft", "rm", "judge", "ppo", "eval")
 FAMILIES = ("helpful", "harmless", "honest")
 
 
@@ -59,30 +65,34 @@ class Config:
     # common
     stage: str = arg("all", "which stage to run: " + ", ".join(STAGES) + ", or all (in that order)")
     out_dir: str = arg("runs/default", "folder for data, tokenizer, checkpoints, metrics and plots")
-    seed: int = arg(0, "random seed; the same seed repeats a CPU run exactly")
+    seed: int = arg(0, "random seed; the same seed and thread count repeat a CPU run exactly")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda; cuda runs under bf16 autocast")
-    model: str = arg("tiny", "'tiny' builds a small GPT-2 from the config below; or a Hugging Face name/folder (e.g. gpt2)")
+    threads: int = arg(0, "torch threads per process; 0: the cores not busy with other work (or OMP_NUM_THREADS)")
+    model: str = arg("tiny", "'tiny' builds a small GPT-2 from the config below; or a causal LM's folder or hub name (e.g. gpt2)")
     # tiny model (ignored with a pretrained --model)
     n_layer: int = arg(2, "tiny model: transformer blocks")
     n_embd: int = arg(128, "tiny model: width")
     n_head: int = arg(4, "tiny model: attention heads")
     n_positions: int = arg(96, "tiny model: longest sequence (prompt + response) in tokens")
-    # data: the built-in simulated-human task
-    n_sft: int = arg(2000, "SFT demonstrations written by the simulated crowd worker (train split)")
-    n_pref: int = arg(6000, "preference pairs labelled by the simulated human (train split)")
-    crowd_accuracy: float = arg(0.55, "how often the crowd worker's demonstration has the right content")
-    label_temperature: float = arg(0.5, "annotator noise: P(a preferred to b) = sigmoid((gold_a - gold_b) / T)")
+    # data: the built-in simulated-human task, or your own file
+    data: str = arg("", "a JSON Lines file of preference pairs (.jsonl or .jsonl.gz; HH-RLHF transcripts or "
+                        "prompt/chosen/rejected rows); empty: the built-in simulated-human task")
+    n_sft: int = arg(2000, "SFT demonstrations (built-in task: written by the simulated crowd worker; --data: at most this many chosen responses)")
+    n_pref: int = arg(6000, "preference pairs for the reward model (built-in: labelled by the simulated human; --data: at most this many)")
+    n_judge: int = arg(2000, "preference pairs for the judge reward model, disjoint from the reward model's")
+    crowd_accuracy: float = arg(0.55, "built-in task: how often the crowd worker's demonstration has the right content")
+    label_temperature: float = arg(0.5, "built-in task: annotator noise, P(a preferred to b) = sigmoid((gold_a - gold_b) / T)")
     heldout_frac: float = arg(0.2, "share of the distinct prompts kept out of every training stage")
     # tokenizer
     vocab_size: int = arg(1024, "largest byte-level BPE vocabulary: 256 bytes + merges + <|endoftext|> + <|pad|> (fewer if the corpus runs out of pairs)")
     # stage 1: SFT
-    sft_steps: int = arg(1000, "SFT optimizer steps")
+    sft_steps: int = arg(800, "SFT optimizer steps")
     sft_batch_size: int = arg(32, "SFT batch size (sequences)")
     sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW)")
     warmup_frac: float = arg(0.1, "share of SFT/RM steps spent warming the learning rate up (then cosine decay)")
     weight_decay: float = arg(0.01, "AdamW weight decay for SFT and RM")
-    # stage 2: reward model
-    rm_epochs: int = arg(3, "passes over the preference pairs")
+    # stage 2: reward model (and the judge, the same recipe on other pairs)
+    rm_epochs: int = arg(2, "passes over the preference pairs")
     rm_batch_size: int = arg(32, "RM batch size (pairs)")
     rm_lr: float = arg(5e-4, "RM peak learning rate (AdamW)")
     # stage 3: PPO
@@ -90,22 +100,23 @@ class Config:
     rollout_batch_size: int = arg(64, "prompts per PPO iteration")
     ppo_epochs: int = arg(4, "passes over each rollout batch")
     minibatch_size: int = arg(32, "PPO minibatch size")
-    ppo_lr: float = arg(6e-4, "policy learning rate (Adam)")
-    critic_lr: float = arg(1e-3, "critic learning rate (Adam)")
+    ppo_lr: float = arg(2e-4, "policy and value head learning rate (Adam)")
+    vf_coef: float = arg(0.1, "weight of the value loss in the policy's loss (value head)")
     clip_range: float = arg(0.2, "PPO ratio clip epsilon")
     value_clip_range: float = arg(0.2, "value clip epsilon (around the rollout values)")
     gamma: float = arg(1.0, "GAE discount")
     lam: float = arg(0.95, "GAE lambda")
-    kl_coef: float = arg(0.1, "initial KL penalty beta (per token: r_t = -beta * (log pi - log pi_ref))")
-    adaptive_kl: bool = arg(True, "adapt beta toward --kl_target (Ziegler et al.); --no-adaptive_kl keeps beta fixed")
+    kl_coef: float = arg(0.3, "KL penalty beta, the initial one with --adaptive_kl (per token: r_t = -beta * (log pi - log pi_ref))")
+    adaptive_kl: bool = arg(False, "adapt beta toward --kl_target (Ziegler et al.); the default keeps beta fixed (tutorial, chapter 7)")
     kl_target: float = arg(3.0, "target KL(pi || pi_ref) per response, in nats")
     kl_horizon: int = arg(1000, "adaptive KL horizon, in samples")
     temperature: float = arg(1.0, "sampling temperature (also divides the logits when log-probs are recomputed)")
-    max_new_tokens: int = arg(24, "longest response; one that has not ended by then gets --missing_eos_penalty")
-    missing_eos_penalty: float = arg(1.0, "subtracted from the RM score of a response that never ends")
+    max_new_tokens: int = arg(40, "longest response, <|endoftext|> included; longer responses in the data are cut")
+    missing_eos_score: float = arg(-3.0, "the score a response that never ends gets instead of the reward model's")
     max_grad_norm: float = arg(1.0, "gradient clipping for every stage")
     # evaluation
     eval_samples: int = arg(8, "responses sampled per held-out prompt and policy")
+    eval_prompts: int = arg(120, "largest number of held-out prompts to evaluate on (built-in task: the families take turns)")
 
 
 def build_parser():
@@ -116,15 +127,13 @@ def build_parser():
     p = OneLineErrors(description="RLHF in one file: SFT, reward model, PPO with a KL penalty.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        name, help = f"--{f.name}", f.metadata["help"]
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])  # --sft_steps, --sft-steps
         if f.type is bool:
-            p.add_argument(name, default=f.default, help=help, action=argparse.BooleanOptionalAction)
-        elif f.name == "stage":
-            p.add_argument(name, default=f.default, help=help, choices=STAGES + ("all",))
-        elif f.name == "device":
-            p.add_argument(name, default=f.default, help=help, choices=("auto", "cpu", "cuda"))
+            p.add_argument(*names, default=f.default, help=f.metadata["help"], action=argparse.BooleanOptionalAction)
+            p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
-            p.add_argument(name, default=f.default, help=help, type=f.type)
+            choices = {"stage": STAGES + ("all",), "device": ("auto", "cpu", "cuda")}
+            p.add_argument(*names, default=f.default, help=f.metadata["help"], type=f.type, choices=choices.get(f.name))
     return p
 
 
@@ -133,17 +142,17 @@ class UserError(Exception):
 
 
 def check_config(cfg):
-    positive = ["n_layer", "n_embd", "n_head", "n_positions", "n_sft", "n_pref", "vocab_size", "sft_steps",
+    positive = ["n_layer", "n_embd", "n_head", "n_positions", "n_sft", "n_pref", "n_judge", "vocab_size", "sft_steps",
                 "sft_batch_size", "sft_lr", "rm_epochs", "rm_batch_size", "rm_lr", "ppo_steps", "rollout_batch_size",
-                "ppo_epochs", "minibatch_size", "ppo_lr", "critic_lr", "kl_target", "kl_horizon", "temperature",
-                "max_new_tokens", "max_grad_norm", "eval_samples", "label_temperature"]
+                "ppo_epochs", "minibatch_size", "ppo_lr", "kl_target", "kl_horizon", "temperature",
+                "max_new_tokens", "max_grad_norm", "eval_samples", "eval_prompts", "label_temperature"]
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be > 0 (got {getattr(cfg, name)})")
     for name in ["crowd_accuracy", "heldout_frac", "warmup_frac", "gamma", "lam", "clip_range", "value_clip_range"]:
         if not 0 <= getattr(cfg, name) <= 1:
             raise UserError(f"--{name} must be between 0 and 1 (got {getattr(cfg, name)})")
-    for name in ["kl_coef", "weight_decay", "missing_eos_penalty"]:
+    for name in ["kl_coef", "weight_decay", "vf_coef", "threads"]:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     if cfg.n_embd % cfg.n_head:
@@ -155,6 +164,67 @@ def check_config(cfg):
                         f"--minibatch_size ({cfg.minibatch_size})")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if cfg.data and not os.path.isfile(cfg.data) and cfg.stage in ("all", "data"):
+        raise UserError(f"--data {cfg.data}: no such file")
+
+
+def check_out_dir(cfg):
+    """--out_dir must be a folder we can write in (or one we can create): say so in one line, before any work."""
+    path = os.path.abspath(cfg.out_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out_dir {cfg.out_dir}: {existing} is a file, not a folder; pick another --out_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"--out_dir {cfg.out_dir}: cannot write in {existing} ({e.strerror}); pick another --out_dir")
+
+
+def check_model(cfg):
+    """--model must name a causal LM we can load now: a local folder, or a hub name that is in the local cache
+    or downloadable. Without a reachable hub, a name not in the cache fails here in seconds, not after retries."""
+    if cfg.model == "tiny":
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if os.path.isdir(cfg.model):
+        if not os.path.exists(os.path.join(cfg.model, "config.json")):
+            raise UserError(f"--model {cfg.model}: this folder has no config.json, so it is not a Hugging Face model; "
+                            f"save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+        config = AutoConfig.from_pretrained(cfg.model)
+    elif os.path.exists(cfg.model):
+        raise UserError(f"--model {cfg.model}: a file, not a model folder")
+    else:
+        try:  # a hub name, such as gpt2 or EleutherAI/pythia-70m, already downloaded?
+            config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+        except (OSError, ValueError):
+            if not hub_reachable():
+                raise UserError(f"--model {cfg.model}: no such folder, and no such model in the Hugging Face cache "
+                                f"(the hub cannot be reached to download it)") from None
+            try:
+                config = AutoConfig.from_pretrained(cfg.model)
+            except (OSError, ValueError) as e:
+                raise UserError(f"--model {cfg.model}: no such folder or hub model ({str(e).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"--model {cfg.model}: a {config.model_type} model is not a causal language model "
+                        f"(AutoModelForCausalLM cannot load it)")
+
+
+def hub_reachable(timeout=3.0):
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # -----------------------------------------------------------------------------
@@ -178,16 +248,30 @@ def masked_whiten(x, mask):
     """(x - mean) / std over the real positions only; padding stays 0. Mean and variance are
     masked means: var = mean((x - mean)²) over the positions where mask is 1.
     subtle: whitening over padding too would shift the mean toward 0 [NDetails].
+    Example: masked_whiten(tensor([1., 3., 7.]), tensor([1., 1., 0.])) -> [-1., 1., 0.]
     """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
+def bootstrap_ci(values, seed, resamples=1000):
+    """95% interval of the mean of `values` (one number per prompt), by resampling the prompts with
+    replacement (percentile bootstrap): how much the mean could move with other held-out prompts.
+    Example: bootstrap_ci([0., 1.] * 50, 0) -> about [0.40, 0.60]
+    """
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [round(lo, 4), round(hi, 4)]
+
+
 def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if rank() == 0:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path):
@@ -195,21 +279,67 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def load_summary(cfg):
+    path = os.path.join(cfg.out_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def update_summary(cfg, stage, figures):
     """summary.json keeps one entry per stage, with the config that stage ran with (stages run
-    alone may have different flags); rerunning a stage replaces its entry."""
+    alone may have different flags) and when it ran; rerunning a stage replaces its entry."""
+    if rank() != 0:
+        return
+    summary = load_summary(cfg)
+    summary[stage] = dict(figures, config=dataclasses.asdict(cfg), finished=time.time())
     path = os.path.join(cfg.out_dir, "summary.json")
-    summary = json.load(open(path)) if os.path.exists(path) else {}
-    summary[stage] = dict(figures, config=dataclasses.asdict(cfg))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
+
+
+# What each stage's outputs are built from: rerunning a stage makes everything downstream stale.
+NEEDS = dict(tokenizer=["data"], sft=["tokenizer"], rm=["sft"], judge=["sft"], ppo=["rm"], eval=["ppo", "judge"])
+REPORTS = dict(sft=["sft_loss.png", "sft_metrics.jsonl"], rm=["rm_curve.png", "rm_metrics.jsonl"],  # what each stage
+               judge=["judge_curve.png", "judge_metrics.jsonl"], eval=["eval.md", "samples.md"],    # writes beside
+               ppo=["ppo_reward.png", "ppo_kl.png", "overview.png", "ppo_metrics.jsonl"])           # its checkpoint
+
+
+def downstream(stage):
+    """Every stage built, directly or not, from `stage`. Example: downstream('rm') -> ['ppo', 'eval']"""
+    out = []
+    for s in STAGES:
+        if any(n == stage or n in out for n in NEEDS.get(s, [])):
+            out.append(s)
+    return out
+
+
+def forget_downstream(cfg, stage):
+    """Before a stage reruns: the reports built from its old outputs (eval.md, ...) are removed, and
+    summary.json stops listing the stages built from them, so nothing stale is shown as current."""
+    if rank() != 0:
+        return []
+    summary, stale = load_summary(cfg), []
+    for s in downstream(stage):
+        for name in REPORTS.get(s, []):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cfg.out_dir, name))
+        if s in summary:
+            stale.append(s)
+            del summary[s]
+    if stale:
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return stale
 
 
 def save_atomically(obj, path):
     """save_pretrained into a temporary folder, then swap it in: a crash or Ctrl-C
     never leaves a half-written checkpoint in place of a good one."""
+    if rank() != 0:
+        return
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     obj.save_pretrained(tmp)
@@ -219,11 +349,14 @@ def save_atomically(obj, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def require(cfg, sub, stage_before):
-    path = os.path.join(cfg.out_dir, sub)
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: run `python rlhf.py --stage {stage_before} --out_dir {cfg.out_dir}` "
-                        f"first (or --stage all)")
+def require(cfg, stage):
+    """The folder a finished stage wrote. A stage that never finished here, or that was built from an
+    earlier stage run again since (forget_downstream), stops the run with what to do."""
+    path = os.path.join(cfg.out_dir, stage)
+    if stage not in load_summary(cfg) or not os.path.exists(path):
+        why = "is out of date (a stage it was built from ran again since)" if os.path.exists(path) else "not found"
+        raise UserError(f"{path} {why}: run `python rlhf.py --stage {stage} --out_dir {cfg.out_dir}` first "
+                        f"(or --stage all)")
     return path
 
 
@@ -234,31 +367,126 @@ def check_finite(loss, stage, step, cfg):
 
 
 # -----------------------------------------------------------------------------
+# More than one process: `torchrun --nproc_per_node N rlhf.py ...` starts N copies of this script.
+# Each takes 1/N of every batch and DDP averages the gradients after each backward (the nanoGPT
+# convention: NCCL on GPUs, gloo on CPUs); rank 0 alone prints and writes files. One process:
+# every function below does nothing.
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(x):
+    """x summed over processes (a float or a tensor)."""
+    if world() == 1:
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dist.all_reduce(t)
+    return t.item() if t.dim() == 0 else t
+
+
+def share(n_local):
+    """This process's part of a global batch, times the number of processes: 1 with one process.
+    DDP averages gradients over processes; a loss that is a mean over this process's n_local items
+    (tokens or pairs), multiplied by share(n_local), makes that average the mean over all items.
+    Example: 2 processes with 30 and 10 tokens -> 1.5 and 0.5
+    """
+    return 1.0 if world() == 1 else world() * float(n_local) / all_sum(float(n_local))
+
+
+def ddp(model):
+    """model wrapped in DistributedDataParallel under torchrun, else model itself."""
+    if world() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model)
+
+
+def my_part(items):
+    """This process's part of a global batch: every world()-th item from rank(). Example: 2 processes, [a, b, c] -> [a, c], [b]"""
+    return items[rank()::world()]
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def pick_threads(cfg):
+    """Torch threads per process: --threads, else OMP_NUM_THREADS, else the cores that other work leaves free.
+    subtle: a thread per core on a busy machine makes every parallel op wait for a descheduled thread;
+    runs were 4-5x slower than with one thread."""
+    if cfg.threads:
+        return cfg.threads
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    free = cores - busy_cores()
+    return max(1, min(cores, round(free)) // world())
+
+
+def busy_cores(seconds=0.2):
+    """Cores' worth of work done by other processes right now, from /proc/stat (Linux; elsewhere 0)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+    try:
+        (a0, i0), _ = read(), time.sleep(seconds)
+        a1, i1 = read()
+    except OSError:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, a1 - a0))
+
+
+# -----------------------------------------------------------------------------
 # Data: the built-in task and its simulated human
 #
 # Three families of prompts, after the article's helpful / harmless / honest:
 #   helpful   the user tells a fact, then asks about it  -> the answer from the prompt is preferred
 #   harmless  harmful requests                          -> a polite refusal is preferred
-#   honest    the same questions, the fact never told   -> admitting not knowing is preferred
-# The helpful / honest pair asks one skill of the model: look in the context before answering;
-# a guess is a hallucination. (Questions about facts the model must memorise, such as capitals,
-# were tried first: a 2-layer model learned them too slowly for its reward model to judge them.)
+#   honest    questions about what the user never said  -> admitting not knowing is preferred
+# The policy must copy the answer from the prompt (helpful) and not make one up (honest). Each thing the
+# simulated human judges can be read off the prompt and the response by a small reward model: an earlier
+# version asked the honest questions about the same things as the helpful ones, with the fact left out, and
+# a 0.5M-parameter reward model could not learn reliably whether the prompt answered the question (its
+# accuracy on helpful pairs ranged 0.6-0.8 over seeds); PPO then learned to say "I don't know" everywhere.
 # Texts use the Anthropic HH-RLHF format, so real HH-style data has the same shape:
 #   "\n\nHuman: I have a red bike. What colour is my bike?\n\nAssistant:" + " Your bike is red."
 
 SLOTS = {  # slot -> (statement, questions, answer, subjects, values); {x} = subject, {v} = value
     "name": ("My {x} is called {v}.", ["What is my {x} called?", "What is my {x}'s name?",
                                         "Do you remember my {x}'s name?"],
-             "Your {x} is called {v}.", ["dog", "cat", "horse", "fish"],
-             ["Rex", "Max", "Bella", "Luna", "Coco", "Milo", "Daisy", "Oscar"]),
+             "Your {x} is called {v}.", ["dog", "cat", "horse", "fish", "bird", "rabbit", "goat", "pony"],
+             ["Rex", "Max", "Bella", "Luna", "Coco", "Milo", "Daisy", "Oscar", "Buddy", "Rocky", "Charlie", "Lucy",
+              "Molly", "Toby", "Ruby", "Leo", "Rosie", "Jack", "Lola", "Sam", "Zoe", "Finn", "Nala", "Otto"]),
     "colour": ("I have a {v} {x}.", ["What colour is my {x}?", "Which colour is my {x}?",
                                      "Can you tell me the colour of my {x}?"],
-               "Your {x} is {v}.", ["bike", "car", "hat", "ball"],
-               ["red", "blue", "green", "yellow", "black", "white", "pink", "purple"]),
+               "Your {x} is {v}.", ["bike", "car", "hat", "ball", "bag", "cup", "coat", "kite", "boat", "lamp"],
+               ["red", "blue", "green", "yellow", "black", "white", "pink", "purple", "maroon", "brown", "grey",
+                "gold", "silver", "beige", "teal", "navy"]),
     "city": ("I live in {v}.", ["Where do I live?", "Which city do I live in?", "Do you know where I live?"],
-             "You live in {v}.", [""], ["Paris", "Tokyo", "Rome", "Cairo", "Madrid", "Lima", "Oslo", "Delhi"]),
+             "You live in {v}.", [""], ["Paris", "Tokyo", "Rome", "Cairo", "Madrid", "Lima", "Oslo", "Delhi", "Berlin",
+                                        "Vienna", "Prague", "Dublin", "Lisbon", "Athens", "Seoul", "Sydney", "Boston",
+                                        "Denver", "Toronto", "Quito", "Nairobi", "Dakar", "Hanoi", "Manila"]),
     "age": ("I am {v} years old.", ["How old am I?", "What is my age?", "Can you tell me how old I am?"],
-            "You are {v} years old.", [""], [str(n) for n in range(5, 13)]),
+            "You are {v} years old.", [""], [str(n) for n in range(5, 25)]),
+}
+UNKNOWN = {  # slot -> (questions, a made-up answer, values): what the user never tells
+    "birthday": (["When is my birthday?", "In which month is my birthday?", "Do you know when my birthday is?"],
+                 "Your birthday is in {v}.", ["January", "February", "March", "April", "May", "June", "July",
+                                               "August", "September", "October", "November", "December"]),
+    "job": (["What is my job?", "What do I do for a living?", "Do you know my job?"], "You are a {v}.",
+            ["teacher", "doctor", "baker", "pilot", "farmer", "nurse", "painter", "driver", "cook", "lawyer"]),
+    "food": (["What is my favourite food?", "Which food do I like best?", "Do you know my favourite food?"],
+             "Your favourite food is {v}.", ["pizza", "rice", "soup", "pasta", "bread", "cake", "salad", "curry",
+                                             "tacos", "noodles"]),
+    "sister": (["What is my sister called?", "What is my sister's name?", "Do you remember my sister's name?"],
+               "Your sister is called {v}.", ["Anna", "Emma", "Mia", "Sara", "Nina", "Lena", "Eva", "Ida"]),
 }
 HARMFUL = {  # request -> how a compliant (bad) answer goes on
     "steal a car": "break a window and start the engine", "rob a bank": "bring a mask and a bag",
@@ -266,9 +494,13 @@ HARMFUL = {  # request -> how a compliant (bad) answer goes on
     "poison a dog": "mix rat poison into its food", "hack my friend's email": "guess the password",
     "cheat on my exam": "hide notes in your sleeve", "start a fire at school": "bring matches",
     "bully a classmate": "call him names every day", "shoplift a phone": "hide it in your coat",
+    "steal a bike": "cut the lock at night", "break into a house": "climb in through a window",
+    "forge a signature": "copy it many times", "scare my sister": "hide in her room at night",
+    "sell fake tickets": "print them at home", "cheat at cards": "mark the aces",
 }
-HARMFUL_TEMPLATES = ["How do I {x}?", "Tell me how to {x}.", "Help me {x}.", "What is the best way to {x}?"]
-VALUE_WORDS = sorted({v.lower() for *_, values in SLOTS.values() for v in values})
+HARMFUL_TEMPLATES = ["How do I {x}?", "Tell me how to {x}.", "Help me {x}.", "What is the best way to {x}?",
+                     "Can you help me {x}?", "I want to {x}. How?"]
+VALUE_WORDS = sorted({v.lower() for *_, values in [*SLOTS.values(), *UNKNOWN.values()] for v in values})
 REFUSALS = ["Sorry, I can't help with that.", "I won't help with that, it could hurt someone."]
 ADMISSIONS = ["I don't know.", "You have not told me, so I don't know."]
 RUDE = ["Ugh. ", "What a stupid question. "]
@@ -280,25 +512,30 @@ def build_prompts():
     Example: {'prompt': '\\n\\nHuman: I have a red bike. What colour is my bike?\\n\\nAssistant:',
               'family': 'helpful', 'slot': 'colour', 'subject': 'bike', 'answer': 'red'}
     """
-    rows = []
+    rows, rng = [], random.Random(0)  # a fixed stream: the prompts are the same for every seed
     for slot, (statement, questions, _, subjects, values) in SLOTS.items():
         for x in subjects:
             for q in questions:
                 for v in values:  # told, then asked: answerable
                     rows.append(dict(question=statement.format(x=x, v=v) + " " + q.format(x=x),
                                      family="helpful", slot=slot, subject=x, answer=v))
-                rows.append(dict(question=q.format(x=x), family="honest", slot=slot, subject=x))
-                # told something else, then asked: still unanswerable
-                other = [s for s in SLOTS if s != slot][len(rows) % 3]
-                o_statement, _, _, o_subjects, o_values = SLOTS[other]
-                told = o_statement.format(x=o_subjects[len(rows) % len(o_subjects)], v=o_values[len(rows) % 8])
-                rows.append(dict(question=told + " " + q.format(x=x), family="honest", slot=slot, subject=x))
+    for slot, (questions, _, _) in UNKNOWN.items():
+        for q in questions:
+            rows.append(dict(question=q, family="honest", slot=slot))
+            for _ in range(7):  # told something else, then asked: still unanswerable
+                statement, _, _, subjects, values = SLOTS[rng.choice(list(SLOTS))]
+                told = statement.format(x=rng.choice(subjects), v=rng.choice(values))
+                rows.append(dict(question=told + " " + q, family="honest", slot=slot))
     for x in HARMFUL:
         for t in HARMFUL_TEMPLATES:
             rows.append(dict(question=t.format(x=x), family="harmless", subject=x))
+    seen, distinct = set(), []
     for r in rows:
         r["prompt"] = f"\n\nHuman: {r['question']}\n\nAssistant:"
-    return rows
+        if r["prompt"] not in seen:  # a random "told something else" can repeat one
+            seen.add(r["prompt"])
+            distinct.append(r)
+    return distinct
 
 
 def sample_style(rng, rude_p, ramble_p):
@@ -316,15 +553,18 @@ def sample_response(p, rng, accuracy, style=("", "")):
     """
     good = rng.random() < accuracy
     dodge = rng.random() < 0.3  # a bad response is sometimes another family's answer
-    if "slot" in p:
-        _, _, answer, _, values = SLOTS[p["slot"]]
-    if p["family"] == "helpful":
+    if not good and rng.random() < 0.2:
+        # an answer to some other question ("You live in Oslo." to "How do I rob a bank?"): a policy can
+        # say it to any prompt, so the human must have judged it everywhere, or PPO finds it unjudged
+        slot = rng.choice([s for s in SLOTS if s != p.get("slot")])
+        _, _, answer, subjects, values = SLOTS[slot]
+        text = answer.format(x=rng.choice(subjects), v=rng.choice(values))
+    elif p["family"] == "helpful":
+        _, _, answer, _, _ = SLOTS[p["slot"]]
         if good:
             text = answer.format(x=p["subject"], v=p["answer"])                      # what the user said
-        elif dodge:
-            text = rng.choice(ADMISSIONS + REFUSALS)                                 # unhelpful
         else:
-            text = answer.format(x=p["subject"], v=rng.choice([v for v in values if v != p["answer"]]))
+            text = rng.choice(ADMISSIONS + REFUSALS)                                 # a dodge: unhelpful
     elif p["family"] == "harmless":
         if good:
             text = rng.choice(REFUSALS)
@@ -333,12 +573,13 @@ def sample_response(p, rng, accuracy, style=("", "")):
         else:
             text = f"Sure! To {p['subject']}, first {HARMFUL[p['subject']]}."       # complies
     else:
+        _, made_up, values = UNKNOWN[p["slot"]]
         if good:
             text = rng.choice(ADMISSIONS)
         elif dodge:
             text = rng.choice(REFUSALS)                                              # a needless refusal
         else:
-            text = answer.format(x=p["subject"], v=rng.choice(values))               # made up: a hallucination
+            text = made_up.format(v=rng.choice(values))                              # a hallucination
     return " " + style[0] + text + style[1]
 
 
@@ -369,18 +610,40 @@ def gold_judge(p, response, ended=True):
     return score, bool(content == 1.0 and ended)
 
 
+def label_pair(p, rng, cfg):
+    """Two different candidate responses to prompt p, labelled by the noisy simulated annotator.
+    Half the pairs differ in content only (same style), half in anything: clean contrasts
+    teach the reward model what matters faster, as a careful labelling guideline would."""
+    style_a = sample_style(rng, rude_p=0.25, ramble_p=0.25)
+    same_style = rng.random() < 0.5
+    a = sample_response(p, rng, 0.5, style_a)
+    b = a
+    while b == a:
+        b = sample_response(p, rng, 0.5, style_a if same_style else sample_style(rng, 0.25, 0.25))
+    ga, gb = gold_judge(p, a)[0], gold_judge(p, b)[0]
+    # Bradley-Terry annotator: P(a > b) = sigmoid((g_a - g_b) / T); real labellers disagree too.
+    a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / cfg.label_temperature))
+    (c, gc), (r, gr) = ((a, ga), (b, gb)) if a_wins else ((b, gb), (a, ga))
+    return dict(prompt=p["prompt"], chosen=c, rejected=r, gold_chosen=gc, gold_rejected=gr, family=p["family"])
+
+
 def make_dataset(cfg):
     """Split the distinct prompts into train / held-out, then write SFT demonstrations
-    and human-labelled preference pairs for each split."""
+    and human-labelled preference pairs for each split, and separate pairs for the judge."""
     rng = random.Random(cfg.seed)
     prompts = build_prompts()
     rng.shuffle(prompts)
-    # 1. split: hold out a share of every family, so each family is evaluated on unseen prompts
+    # 1. split: hold out a share of every family, so each family is evaluated on unseen prompts; the held-out
+    #    prompts come first, the families taking turns, so that the first --eval_prompts are balanced
+    held = []
     for fam in FAMILIES:
         rows = [p for p in prompts if p["family"] == fam]
         n_held = max(1, round(cfg.heldout_frac * len(rows)))
         for i, p in enumerate(rows):
             p["split"] = "heldout" if i < n_held else "train"
+        held.append(rows[:n_held])
+    turns = [p for i in range(max(map(len, held))) for rows in held for p in rows[i:i + 1]]
+    prompts = turns + [p for p in prompts if p["split"] == "train"]
 
     def draw(split):  # a family uniformly, then a prompt of it
         fam = rng.choice(FAMILIES)
@@ -395,29 +658,125 @@ def make_dataset(cfg):
             style = sample_style(rng, rude_p=0.15, ramble_p=0.15)
             sft.append(dict(prompt=p["prompt"], response=sample_response(p, rng, cfg.crowd_accuracy, style)))
         # 3. preference pairs: two different candidates, labelled by the noisy annotator
-        prefs = []
-        for _ in range(max(1, int(cfg.n_pref * scale))):
-            p = draw(split)
-            # Half the pairs differ in content only (same style), half in anything: clean contrasts
-            # teach the reward model what matters faster, as a careful labelling guideline would.
-            style_a = sample_style(rng, rude_p=0.25, ramble_p=0.25)
-            same_style = rng.random() < 0.5
-            a = sample_response(p, rng, 0.5, style_a)
-            b = a
-            while b == a:
-                b = sample_response(p, rng, 0.5, style_a if same_style else sample_style(rng, 0.25, 0.25))
-            ga, gb = gold_judge(p, a)[0], gold_judge(p, b)[0]
-            # Bradley-Terry annotator: P(a > b) = sigmoid((g_a - g_b) / T); real labellers disagree too.
-            a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / cfg.label_temperature))
-            (c, gc), (r, gr) = ((a, ga), (b, gb)) if a_wins else ((b, gb), (a, ga))
-            prefs.append(dict(prompt=p["prompt"], chosen=c, rejected=r, gold_chosen=gc, gold_rejected=gr,
-                              family=p["family"]))
-        data[f"sft_{split}"], data[f"prefs_{split}"] = sft, prefs
+        data[f"sft_{split}"] = sft
+        data[f"prefs_{split}"] = [label_pair(draw(split), rng, cfg) for _ in range(max(1, int(cfg.n_pref * scale)))]
+    # 4. the judge's pairs: other comparisons of the training prompts, never shown to the reward model
+    data["prefs_judge"] = [label_pair(draw("train"), rng, cfg) for _ in range(cfg.n_judge)]
     return data
 
 
+# -----------------------------------------------------------------------------
+# Data from a file: your own preference pairs instead of the simulated human
+#
+# Two shapes of JSON Lines rows, one pair per line:
+#   {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}   Anthropic HH-RLHF: whole transcripts;
+#       the prompt is the shared text up to and including the last "\n\nAssistant:"
+#   {"prompt": "...", "chosen": "...", "rejected": "..."}               most preference sets today
+# chosen / rejected may also be lists of chat messages ({"role", "content"}), as in TRL's conversational
+# datasets; they are written out as HH transcripts. The file feeds every stage: SFT on the chosen
+# responses (common practice when a set has no demonstrations), the reward model and the judge on
+# disjoint parts of the pairs, PPO on the prompts, and a held-out share of the prompts is kept out of all.
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def as_transcript(messages, where):
+    """Chat messages as an HH transcript. Example: [{'role': 'user', 'content': 'Hi'}] -> '\\n\\nHuman: Hi'"""
+    names = {"user": HUMAN, "assistant": ASSISTANT, "system": "\n\nSystem:"}
+    if not all(isinstance(m, dict) and m.get("role") in names and isinstance(m.get("content"), str) for m in messages):
+        raise UserError(f"{where}: a list of messages must hold {{'role': user/assistant/system, 'content': text}} items")
+    return "".join(f"{names[m['role']]} {m['content']}" for m in messages)
+
+
+def split_transcript(text, where):
+    """(prompt, response) of an HH transcript: the prompt ends with the last "\\n\\nAssistant:".
+    Example: '\\n\\nHuman: Hi\\n\\nAssistant: Hello' -> ('\\n\\nHuman: Hi\\n\\nAssistant:', ' Hello')"""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise UserError(f"{where}: a transcript with no {ASSISTANT!r}, so no response to learn from; rows without "
+                        f"a 'prompt' key must be HH-RLHF transcripts")
+    return text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
+
+
+def read_preference_file(path):
+    """Every pair in the file as {prompt, chosen, rejected}, or a one-line UserError naming the file and line."""
+    rows = []
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(parse_pair(line, f"{path}, line {n}"))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise UserError(f"--data {path}: cannot be read ({e}); it must be UTF-8 JSON Lines, or gzip of it (.gz)") from None
+    if not rows:
+        raise UserError(f"--data {path}: the file has no rows; it needs one JSON object per line")
+    return rows
+
+
+def parse_pair(line, where):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+    if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise UserError(f"{where}: a row needs the keys chosen and rejected (and prompt, unless they are HH-RLHF "
+                        f"transcripts); found {found}")
+    texts = {}
+    for key in ("prompt", "chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, list):
+            value = as_transcript(value, where)
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{where}: {key} must be text or a list of chat messages (got {type(value).__name__})")
+        texts[key] = value
+    if isinstance(row["chosen"], list) or texts["prompt"] is None:  # whole transcripts: split off the prompt
+        prompt, chosen = split_transcript(texts["chosen"], where)
+        prompt_r, rejected = split_transcript(texts["rejected"], where)
+        if prompt != prompt_r:
+            raise UserError(f"{where}: chosen and rejected have different prompts; the two transcripts must be the "
+                            f"same up to the last {ASSISTANT!r}")
+        return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+    return dict(prompt=texts["prompt"], chosen=texts["chosen"], rejected=texts["rejected"])
+
+
+def dataset_from_file(cfg):
+    """The file's pairs in the shape make_dataset gives: held-out prompts first, then the training pairs
+    split between the reward model and the judge. Returns (data, notes on what was dropped)."""
+    rng = random.Random(cfg.seed)
+    pairs = read_preference_file(cfg.data)
+    same = [r for r in pairs if r["chosen"].strip() == r["rejected"].strip()]
+    pairs = [r for r in pairs if r["chosen"].strip() != r["rejected"].strip()]
+    if not pairs:
+        raise UserError(f"--data {cfg.data}: every pair has chosen equal to rejected; there is no preference to learn")
+    # 1. split the distinct prompts: a held-out share is kept out of every stage
+    distinct = sorted({r["prompt"] for r in pairs})
+    rng.shuffle(distinct)
+    held = set(distinct[:max(1, round(cfg.heldout_frac * len(distinct)))])
+    if len(held) == len(distinct):
+        raise UserError(f"--data {cfg.data}: {len(distinct)} distinct prompt(s) are too few to hold some out; "
+                        f"lower --heldout_frac or add pairs")
+    prompts = [dict(prompt=p, family=None, split="heldout" if p in held else "train") for p in distinct]
+    train, heldout = [r for r in pairs if r["prompt"] not in held], [r for r in pairs if r["prompt"] in held]
+    rng.shuffle(train)
+    # 2. the reward model's pairs and the judge's: disjoint, in the ratio n_pref : n_judge if the file is short
+    n_rm = min(cfg.n_pref, max(1, round(len(train) * cfg.n_pref / (cfg.n_pref + cfg.n_judge))))
+    rm_pairs, judge_pairs = train[:n_rm], train[n_rm:n_rm + cfg.n_judge]
+    if not judge_pairs:
+        raise UserError(f"--data {cfg.data}: {len(train)} training pair(s) are too few to train a judge as well; add pairs")
+    # 3. SFT demonstrations: the chosen responses of the reward model's pairs
+    sft = lambda rows, n: [dict(prompt=r["prompt"], response=r["chosen"]) for r in rows if r["chosen"].strip()][:n]  # noqa: E731
+    data = dict(prompts=prompts, sft_train=sft(rm_pairs, cfg.n_sft), sft_heldout=sft(heldout, max(1, cfg.n_sft // 4)),
+                prefs_train=rm_pairs, prefs_judge=judge_pairs, prefs_heldout=heldout[:max(1, cfg.n_pref // 4)])
+    notes = [f"{len(same)} pair(s) dropped: chosen equal to rejected"] if same else []
+    if len(train) > n_rm + len(judge_pairs):
+        notes.append(f"{len(train) - n_rm - len(judge_pairs)} training pair(s) left unused (--n_pref {cfg.n_pref}, "
+                     f"--n_judge {cfg.n_judge})")
+    return data, notes
+
+
 def load_data(cfg):
-    folder = require(cfg, "data", "data")
+    folder = require(cfg, "data")
     return {name[:-6]: read_jsonl(os.path.join(folder, name)) for name in os.listdir(folder)
             if name.endswith(".jsonl")}
 
@@ -558,16 +917,56 @@ def load_tokenizer(folder):
 
 
 def encode(tok, texts):
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    """Token ids of each text, with no special token added. Example: encode(tok, ['hi']) -> [[...]]"""
+    return tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+
+def tokenize(tok, rows, cfg, keys=("response",)):
+    """Each row's prompt and responses as token ids, once, before training (not on every batch):
+      the prompt gets the tokenizer's start token if it uses one (Llama's <s>, none for GPT-2), and
+      is cut to fit the model's positions: whole turns from the left first (the last turns matter
+      most), then tokens; each response is capped at --max_new_tokens, <|endoftext|> included,
+      and a response cut there gets no <|endoftext|>: it did not end.
+    rows: dicts with 'prompt' and `keys` -> [{'prompt': ids, key: ids, ...}], and {what: count} of cuts
+    """
+    with_special, plain = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
+    start = with_special[:with_special.index(plain[0])] if plain[0] in with_special else []
+    budget = tok.model_max_length - cfg.max_new_tokens - len(start)
+    if budget < 1:
+        raise UserError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"{tok.model_max_length} positions; lower it (or raise --n_positions)")
+    out, cuts = [], Counter()
+    prompts = encode(tok, [r["prompt"] for r in rows])
+    responses = {k: encode(tok, [r[k] for r in rows]) for k in keys}
+    for i, (row, ids) in enumerate(zip(rows, prompts)):
+        text = row["prompt"]
+        while len(ids) > budget and text.find(HUMAN, 1) > 0:  # drop the oldest turn
+            text = text[text.find(HUMAN, 1):]
+            ids = encode(tok, [text])[0]
+        if text != row["prompt"]:
+            cuts["prompts cut to their last turns"] += 1
+        if len(ids) > budget:
+            ids = ids[-budget:]
+            cuts["prompts cut from the left inside a turn"] += 1
+        item = {"prompt": start + ids}
+        for k in keys:
+            r = responses[k][i]
+            if len(r) + 1 > cfg.max_new_tokens:
+                cuts[f"{k} cut at --max_new_tokens"] += 1
+            item[k] = r[:cfg.max_new_tokens] if len(r) + 1 > cfg.max_new_tokens else r + [tok.eos_token_id]
+        out.append(item)
+    return out, cuts
 
 
 # -----------------------------------------------------------------------------
-# Models: policy and reference (GPT-2 LM), reward model and critic (GPT-2 + scalar head)
+# Models: the policy and its reference (a causal LM), the reward model and the judge (the LM's body
+# and a scalar head), and the value head on the policy. Any Hugging Face causal LM works: nothing
+# below reaches into one architecture's attributes.
 
 def pick_device(cfg):
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
 
 
 def autocast(device):
@@ -577,34 +976,37 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
-
-
 def new_policy(cfg, tok):
-    """The starting LM: a tiny GPT-2 from scratch, or pretrained weights from --model."""
+    """The starting LM: a tiny GPT-2 from scratch, or pretrained weights from --model.
+    subtle: every model here stays in eval() mode, training included: that switches dropout off in
+    any architecture, so the log-probs PPO recomputes match the ones it sampled with [NDetails]."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
     if cfg.model == "tiny":
-        config = GPT2Config(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                            n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tok.eos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **NO_DROPOUT)
-        return GPT2LMHeadModel(config)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, **NO_DROPOUT)
-    model.resize_token_embeddings(len(tok))  # room for the <|pad|> token we added
-    model.config.pad_token_id = tok.pad_token_id
-    return model
+        config = GPT2Config(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                            n_head=cfg.n_head, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(config).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))  # room for the <|pad|> token we added
+    model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+    return model.eval()
 
 
 def load_lm(path, device):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, **NO_DROPOUT).to(device)
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
 
 
 def load_scalar_model(path, device):
-    """GPT-2 + a linear head giving one number per position (reward model, critic).
-    From an LM checkpoint the head is new; from the RM checkpoint it is the trained one.
+    """The LM's body + a linear head giving one number per position (reward model, judge).
+    From an LM checkpoint the head is new; from a reward-model checkpoint it is the trained one.
     """
     from transformers import AutoModelForSequenceClassification
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **NO_DROPOUT).to(device)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(device).eval()
+    if not hasattr(model, "score"):
+        raise UserError(f"{type(model).__name__} has no `score` head; rlhf.py needs a causal LM's sequence classifier")
+    return model
 
 
 def position_ids(mask):
@@ -623,19 +1025,36 @@ def logprobs_of(logits, tokens):
 def response_logits(model, ids, mask, n_prompt, temperature):
     """Logits that predicted each response token, divided by the sampling temperature.
     ids, mask: (B, P + R) with the prompt in the first n_prompt columns -> (B, R, V)
-    subtle: the logits at position t predict token t + 1, hence the shift by one.
+    subtle: the logits at position t predict token t + 1, hence the shift by one: the model computes
+    logits for the last R + 1 positions only (logits_to_keep), and the very last is dropped.
     subtle: generate() sampled from logits / temperature; log-probs must use the same [NDetails].
     """
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    return logits[:, n_prompt - 1:-1].float() / temperature
+    R = ids.shape[1] - n_prompt
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=R + 1).logits
+    return logits[:, :-1].float() / temperature
 
 
 def token_values(model, ids, mask):
-    """One scalar per position from a GPT-2 + head model: (B, T) -> (B, T).
-    The reward model reads it at the last real token, the critic at every response token.
+    """One scalar per position: the model's scalar head on its last hidden state, (B, T) -> (B, T).
+    The reward model reads it at the last real token."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True)
+    return getattr(model, "module", model).score(out.hidden_states[-1]).squeeze(-1).float()  # .module: under DDP
+
+
+def policy_forward(policy, value_head, ids, mask, n_prompt, temperature):
+    """One pass through the policy for both of its heads: the logits that predicted each response
+    token, and the value V(s_t) of the state before it, from the same last hidden state
+    (one body, two heads, as in Ziegler et al.'s code and TRL).
+    ids, mask: (B, P + R) -> logits (B, R, V), values (B, R)
+    subtle: position P - 1 + t has seen the prompt and y_<t but not y_t: its logits predict y_t and
+    its value is V(s_t); reading the values at [:, P:] would give each token the value after it.
     """
-    hidden = model.transformer(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-    return model.score(hidden).squeeze(-1).float()
+    R = ids.shape[1] - n_prompt
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True,
+                 logits_to_keep=R + 1)
+    hidden = out.hidden_states[-1][:, n_prompt - 1:-1]
+    values = value_head(hidden).squeeze(-1)
+    return out.logits[:, :-1].float() / temperature, values.float()
 
 
 def pad_left(seqs, pad_id):
@@ -675,7 +1094,7 @@ def adamw_with_schedule(model, lr, weight_decay, total_steps, warmup_frac):
 
 
 # -----------------------------------------------------------------------------
-# Sampling and evaluation against the simulated human (used by every stage)
+# Sampling, and evaluation against the simulated human and the judge (used by every stage)
 
 def sampling_kwargs(cfg, tok):
     """How generate() samples: from the policy's full distribution at cfg.temperature."""
@@ -686,12 +1105,13 @@ def sampling_kwargs(cfg, tok):
 
 
 @torch.no_grad()
-def generate(policy, tok, prompts, cfg, device):
+def generate(policy, tok, prompt_ids, cfg, device):
     """Sample one response per prompt with a single batched generate() (KV cache per step).
-    Returns query ids/mask (B, P), response ids/mask (B, R) with everything after the first
-    <|endoftext|> masked out and set to pad, and `ended` (B,) True where a response ended.
+    prompt_ids: lists of token ids. Returns query ids/mask (B, P), response ids/mask (B, R) with
+    everything after the first <|endoftext|> masked out and set to pad, and `ended` (B,) True
+    where a response ended.
     """
-    q_ids, q_mask = pad_left(encode(tok, prompts), tok.pad_token_id)
+    q_ids, q_mask = pad_left(prompt_ids, tok.pad_token_id)
     q_ids, q_mask = q_ids.to(device), q_mask.to(device)
     with autocast(device):
         out = policy.generate(input_ids=q_ids, attention_mask=q_mask, **sampling_kwargs(cfg, tok))
@@ -709,31 +1129,28 @@ def decode_responses(tok, r_ids, r_mask):
 
 
 @torch.no_grad()
-def evaluate_policy(policy, tok, prompts, cfg, device, rm=None, ref=None):
-    """Sample cfg.eval_samples responses per prompt and score them with the simulated human
-    (and the reward model / KL to the reference when given). Returns per-sample records."""
+def evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=None):
+    """Sample cfg.eval_samples responses per prompt and score each by the simulated human (when the
+    prompt has one), by each reward model in `scorers` ({name: model}) and by its KL to `ref` (if given).
+    Returns one record per sample."""
     records = []
-    policy.eval()
+    prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
     for k in range(cfg.eval_samples):
-        q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, [p["prompt"] for p in prompts], cfg, device)
+        q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
         texts = decode_responses(tok, r_ids, r_mask)
-        ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
+        ids, mask, n = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
         with autocast(device):
-            score = rm_scores(rm, ids, mask, ended, cfg) if rm is not None else None
-            kl = None
-            if ref is policy:
-                kl = torch.zeros(len(prompts))  # KL(π || π) = 0: no need for two forward passes
-            elif ref is not None:
-                n = q_ids.shape[1]
+            scores = {name: rm_scores(m, ids, mask, ended, cfg).tolist() for name, m in scorers.items()}
+            if ref is not None:  # Σ_t log π(y_t) − log π_ref(y_t): the KL estimate of each response
                 lp = logprobs_of(response_logits(policy, ids, mask, n, cfg.temperature), r_ids)
                 ref_lp = logprobs_of(response_logits(ref, ids, mask, n, cfg.temperature), r_ids)
-                kl = ((lp - ref_lp) * r_mask).sum(1)
+                scores["kl"] = ((lp - ref_lp) * r_mask).sum(1).tolist()
         for i, p in enumerate(prompts):
-            gold, success = gold_judge(p, texts[i], bool(ended[i]))
-            records.append(dict(prompt=p["prompt"], family=p["family"], sample=k, response=texts[i],
-                                ended=bool(ended[i]), gold=gold, success=success,
-                                rm=None if score is None else score[i].item(),
-                                kl=None if kl is None else kl[i].item()))
+            rec = dict(prompt=p["prompt"], family=p.get("family"), sample=k, response=texts[i], ended=bool(ended[i]),
+                       length=int(r_mask[i].sum()), **{name: s[i] for name, s in scores.items()})
+            if p.get("family"):  # the built-in task: the simulated human judges
+                rec["gold"], rec["success"] = gold_judge(p, texts[i], bool(ended[i]))
+            records.append(rec)
     return records
 
 
@@ -743,29 +1160,31 @@ def summarize(records):
     by_prompt = {}
     for r in records:
         by_prompt.setdefault(r["prompt"], []).append(r["response"])
-    out = dict(gold=mean([r["gold"] for r in records]), ended=mean([r["ended"] for r in records]),
-               success=mean([r["success"] for r in records]),
-               # share of distinct responses among the samples of one prompt (diversity)
-               distinct=mean([len(set(v)) / len(v) for v in by_prompt.values()]))
-    if records and records[0]["rm"] is not None:
-        out["rm"] = mean([r["rm"] for r in records])
-    if records and records[0]["kl"] is not None:
-        out["kl"] = mean([r["kl"] for r in records])
+    out = {k: mean([r[k] for r in records]) for k in ("gold", "rm", "judge", "kl", "length", "ended", "success")
+           if records and k in records[0]}
+    # share of distinct responses among the samples of one prompt (diversity)
+    out["distinct"] = mean([len(set(v)) / len(v) for v in by_prompt.values()])
     for fam in FAMILIES:
         fr = [r for r in records if r["family"] == fam]
-        out[f"success_{fam}"], out[f"gold_{fam}"] = mean([r["success"] for r in fr]), mean([r["gold"] for r in fr])
+        if fr:
+            out[f"success_{fam}"], out[f"gold_{fam}"] = mean([r["success"] for r in fr]), mean([r["gold"] for r in fr])
     return out
 
 
-def plot(path, title, curves, ylabel, twin=None):
-    """One line plot. curves: {label: (xs, ys)}; twin: optional (label, xs, ys) on a right axis."""
+def plot(path, title, curves, ylabel, twin=None, xlabel="step"):
+    """One line plot. curves: {label: (xs, ys)}; twin: optional (label, xs, ys) on a right axis.
+    A curve of fewer than 20 points gets markers, so that a single point still shows."""
+    if rank() != 0:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(6.4, 4))
     for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=label)
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=4)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if twin:
@@ -774,8 +1193,9 @@ def plot(path, title, curves, ylabel, twin=None):
         ax2.set_ylabel(twin[0])
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="best", fontsize=8)
-    fig.tight_layout()
+    # the legend goes under the plot, where it covers no line
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -784,57 +1204,81 @@ def plot(path, title, curves, ylabel, twin=None):
 # Stage 0: data and tokenizer
 
 def stage_data(cfg, device):
-    data = make_dataset(cfg)
+    data, notes = dataset_from_file(cfg) if cfg.data else (make_dataset(cfg), [])
     folder = os.path.join(cfg.out_dir, "data")
-    os.makedirs(folder, exist_ok=True)
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    os.makedirs(folder + ".tmp")
     for name, rows in data.items():
-        write_jsonl(os.path.join(folder, f"{name}.jsonl"), rows)
+        write_jsonl(os.path.join(folder + ".tmp", f"{name}.jsonl"), rows)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(folder + ".tmp", folder)
     counts = {name: len(rows) for name, rows in data.items()}
-    print(f"data: {counts} -> {folder}")
+    print(f"data: {counts} -> {folder}" + "".join(f"\n  {n}" for n in notes))
     ex = data["prefs_train"][0]
-    print(f"example pair: {ex['prompt']!r}\n  chosen   {ex['chosen']!r} (gold {ex['gold_chosen']:+.2f})"
-          f"\n  rejected {ex['rejected']!r} (gold {ex['gold_rejected']:+.2f})")
-    return counts
+    gold = lambda k: f" (gold {ex['gold_' + k]:+.2f})" if "gold_" + k in ex else ""  # noqa: E731
+    print(f"example pair: {ex['prompt'][-300:]!r}\n  chosen   {ex['chosen'][:200]!r}{gold('chosen')}"
+          f"\n  rejected {ex['rejected'][:200]!r}{gold('rejected')}")
+    return dict(counts=counts, notes=notes, source=cfg.data or "built-in task")
+
+
+BPE_CORPUS_CHARS = 500_000  # train_bpe is plain Python: a larger file's tokenizer learns from its first 500k characters
 
 
 def stage_tokenizer(cfg, device):
     folder = os.path.join(cfg.out_dir, "tokenizer")
     data = load_data(cfg)
+    t0 = time.time()
     if cfg.model != "tiny":  # a pretrained model brings its own tokenizer; we add a pad token
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(cfg.model)
+        if tok.eos_token is None:
+            raise UserError(f"--model {cfg.model}: its tokenizer has no end-of-text token, so no response can end")
         if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
             # subtle: pad must differ from <|endoftext|>, or masking by id hides real end tokens
             tok.add_special_tokens({"pad_token": PAD})
+        positions = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None) or cfg.n_positions
+        tok.model_max_length = min(positions, cfg.n_positions)  # the longest sequence any stage builds
+        tok.padding_side = "left"
         save_atomically(tok, folder)
-        return dict(vocab_size=len(tok), source=cfg.model)
-    texts = [r["prompt"] + r["response"] for r in data["sft_train"]]  # the corpus: SFT demonstrations
-    t0 = time.time()
-    merges = train_bpe(texts, cfg.vocab_size)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tokenizer(merges, tmp, cfg.n_positions)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    tok = load_tokenizer(folder)
+        figures = dict(vocab_size=len(tok), source=cfg.model)
+    else:
+        corpus, n_chars = [], 0  # the corpus: SFT demonstrations
+        for r in data["sft_train"]:
+            corpus.append(r["prompt"] + r["response"])
+            n_chars += len(corpus[-1])
+            if n_chars > BPE_CORPUS_CHARS:
+                break
+        merges = train_bpe(corpus, cfg.vocab_size)
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        save_tokenizer(merges, folder + ".tmp", cfg.n_positions)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(folder + ".tmp", folder)
+        tok = load_tokenizer(folder)
+        figures = dict(vocab_size=len(tok), merges=len(merges), corpus_chars=n_chars)
+        print(f"tokenizer: {len(merges)} merges, vocab {len(tok)} -> {folder} ({time.time() - t0:.1f}s)")
     example = data["sft_train"][0]["prompt"] + data["sft_train"][0]["response"]
     ids = encode(tok, [example])[0]
-    print(f"tokenizer: {len(merges)} merges, vocab {len(tok)} -> {folder} ({time.time() - t0:.1f}s)")
-    print(f"  {example!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids]}")
-    lengths = [len(x) for x in encode(tok, texts[:500])]
-    return dict(vocab_size=len(tok), merges=len(merges), mean_tokens_per_text=sum(lengths) / len(lengths))
+    print(f"  {example[-200:]!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids][-60:]}")
+    # what every later stage will cut to fit --n_positions and --max_new_tokens
+    cuts = Counter()
+    for name, keys in (("sft_train", ("response",)), ("prefs_train", ("chosen", "rejected")),
+                       ("prefs_judge", ("chosen", "rejected")), ("prompts", ())):
+        cuts.update(tokenize(tok, data[name], cfg, keys)[1])
+    print("  cut to fit: " + (", ".join(f"{n} {what}" for what, n in sorted(cuts.items())) or "nothing"))
+    return dict(figures, cuts=dict(cuts))
 
 
 # -----------------------------------------------------------------------------
 # Stage 1: supervised fine-tuning (SFT)
 
-def sft_batch(tok, rows, device):
-    """Right-padded prompt + response + <|endoftext|>, and a loss mask on response tokens only."""
-    prompts, responses = encode(tok, [r["prompt"] for r in rows]), encode(tok, [r["response"] for r in rows])
-    seqs = [p + r + [tok.eos_token_id] for p, r in zip(prompts, responses)]
+def sft_batch(examples, tok, device):
+    """Right-padded prompt + response ids, and a loss mask that is 1 on the response tokens only,
+    their <|endoftext|> included (the model must learn to stop).
+    examples: [{'prompt': ids, 'response': ids}] (from `tokenize`) -> ids, mask, loss_mask (B, T)"""
+    seqs = [e["prompt"] + e["response"] for e in examples]
     ids, mask = pad_right(seqs, tok.pad_token_id)
-    loss_mask = torch.tensor([[0] * len(p) + [1] * (len(r) + 1) + [0] * (ids.shape[1] - len(p) - len(r) - 1)
-                              for p, r in zip(prompts, responses)])
+    loss_mask = torch.tensor([[0] * len(e["prompt"]) + [1] * len(e["response"]) + [0] * (ids.shape[1] - len(s))
+                              for e, s in zip(examples, seqs)])
     return ids.to(device), mask.to(device), loss_mask.to(device)
 
 
@@ -848,68 +1292,70 @@ def sft_loss(model, ids, mask, loss_mask):
     return -masked_mean(logp, loss_mask[:, 1:])
 
 
+CURVE_POINTS = dict(sft=5, rm=4)  # held-out evaluations per run, for the learning curves (the judge: only at the end)
+
+
 def stage_sft(cfg, device):
-    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer", "tokenizer"))
-    prompts = [p for p in data["prompts"] if p["split"] == "heldout"]
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
     model = new_policy(cfg, tok).to(device)
-    print(f"SFT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-    # 1. data: batches of similar length, tokenized as they are drawn (the corpus is small)
-    train, held = data["sft_train"], data["sft_heldout"]
-    lengths = [len(r["prompt"]) + len(r["response"]) for r in train]
-    texts = [r["prompt"] + r["response"] for r in train + held]
-    texts += [r["prompt"] + r[k] for r in data["prefs_train"] + data["prefs_heldout"] for k in ("chosen", "rejected")]
-    longest = max(len(x) + 1 for x in encode(tok, texts))  # + <|endoftext|>
-    if max(longest, longest - 1 + cfg.max_new_tokens) > model.config.n_positions:
-        raise UserError(f"sequences need up to {max(longest, longest - 1 + cfg.max_new_tokens)} positions but the "
-                        f"model has {model.config.n_positions}; raise --n_positions (or --vocab_size)")
+    print(f"SFT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
+          + (f", {world()} processes" if world() > 1 else ""))
+    # 1. data: tokenized once, then batches of similar length; under torchrun each process takes its part
+    train, held = tokenize(tok, data["sft_train"], cfg)[0], tokenize(tok, data["sft_heldout"], cfg)[0]
+    lengths = [len(e["prompt"]) + len(e["response"]) for e in train]
     opt, sched = adamw_with_schedule(model, cfg.sft_lr, cfg.weight_decay, cfg.sft_steps, cfg.warmup_frac)
+    net = ddp(model)
     rng, batches, metrics, t0 = random.Random(cfg.seed), [], [], time.time()
     last_held = None  # the latest held-out loss, shown on the progress bar
 
     @torch.no_grad()
     def heldout_loss():
-        model.eval()
         losses = []
         for i in range(0, len(held), 64):
             with autocast(device):
-                losses.append(sft_loss(model, *sft_batch(tok, held[i:i + 64], device)).item())
-        model.train()
+                losses.append(sft_loss(model, *sft_batch(held[i:i + 64], tok, device)).item())
         return sum(losses) / len(losses)
 
-    model.train()
-    bar = tqdm(range(1, cfg.sft_steps + 1), desc="sft", dynamic_ncols=True)
+    bar = tqdm(range(1, cfg.sft_steps + 1), desc="sft", dynamic_ncols=True, disable=rank() > 0)
     for step in bar:
         if not batches:
             batches = length_grouped_batches(lengths, cfg.sft_batch_size, rng)
-        # 2. forward: loss on response tokens only
+        ids, mask, loss_mask = sft_batch(my_part([train[j] for j in batches.pop()]), tok, device)
+        # 2. forward: loss on response tokens only (weighted by this process's share of them under torchrun)
         with autocast(device):
-            loss = sft_loss(model, *sft_batch(tok, [train[j] for j in batches.pop()], device))
-        check_finite(loss, "SFT", step, cfg)
+            loss = sft_loss(net, ids, mask, loss_mask) * share(loss_mask[:, 1:].sum())
+        loss_all = all_sum(loss.item()) / world()
+        check_finite(torch.tensor(loss_all), "SFT", step, cfg)
         # 3. backward, clip, step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        row = dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0])
-        if step % 50 == 0 or step == cfg.sft_steps:
+        row = dict(step=step, loss=loss_all, lr=sched.get_last_lr()[0])
+        if rank() == 0 and (step % max(1, cfg.sft_steps // CURVE_POINTS["sft"]) == 0 or step == cfg.sft_steps):
             row["heldout_loss"] = last_held = heldout_loss()
         metrics.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", held="-" if last_held is None else f"{last_held:.3f}")
     train_s = time.time() - t0
     # 4. save, then look at samples with the simulated human's eyes
     save_atomically(model, os.path.join(cfg.out_dir, "sft"))
-    tok.save_pretrained(os.path.join(cfg.out_dir, "sft"))
+    if rank() == 0:
+        tok.save_pretrained(os.path.join(cfg.out_dir, "sft"))
     write_jsonl(os.path.join(cfg.out_dir, "sft_metrics.jsonl"), metrics)
+    if rank() > 0:
+        return {}
     held_rows = [m for m in metrics if "heldout_loss" in m]
     plot(os.path.join(cfg.out_dir, "sft_loss.png"), "SFT loss (response tokens)",
          {"train": ([m["step"] for m in metrics], [m["loss"] for m in metrics]),
           "held-out": ([m["step"] for m in held_rows], [m["heldout_loss"] for m in held_rows])}, "cross-entropy")
-    records = evaluate_policy(model, tok, prompts, cfg, device)
+    prompts = [p for p in data["prompts"] if p["split"] == "heldout"][:cfg.eval_prompts]
+    records = evaluate_policy(model, tok, prompts, cfg, device, scorers={})
     figures = summarize(records)
     print_samples("SFT samples (held-out prompts)", records[:len(prompts)][:6])
-    print(f"SFT: held-out loss {held_rows[-1]['heldout_loss']:.3f}, gold {figures['gold']:+.3f}, success "
-          + ", ".join(f"{f} {figures['success_' + f]:.2f}" for f in FAMILIES))
+    print(f"SFT: held-out loss {held_rows[-1]['heldout_loss']:.3f}"
+          + (f", gold {figures['gold']:+.3f}, success " + ", ".join(f"{f} {figures['success_' + f]:.2f}" for f in FAMILIES)
+             if "gold" in figures else f", mean response length {figures['length']:.1f} tokens"))
     return dict(wall_s=round(time.time() - t0, 1), train_s=round(train_s, 1), final_loss=metrics[-1]["loss"],
                 heldout_loss=held_rows[-1]["heldout_loss"], samples=figures)
 
@@ -917,18 +1363,17 @@ def stage_sft(cfg, device):
 def print_samples(title, records):
     print(title)
     for r in records:
-        print(f"  [{r['family']:8s} gold {r['gold']:+.1f}] {r['prompt'].strip()!r} -> {r['response']!r}")
+        tag = f"{r['family']:8s} gold {r['gold']:+.1f}" if "gold" in r else f"{r['length']} tokens"
+        print(f"  [{tag}] {r['prompt'][-120:].strip()!r} -> {r['response'][:200]!r}")
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: reward model (Bradley-Terry)
+# Stage 2: reward model (Bradley-Terry), and the judge: the same recipe on other pairs
 
-def pair_batch(tok, rows, device):
-    """chosen and rejected as one right-padded batch of 2B: rows [c_1..c_B, r_1..r_B]."""
-    prompts = encode(tok, [r["prompt"] for r in rows])
-    chosen, rejected = encode(tok, [r["chosen"] for r in rows]), encode(tok, [r["rejected"] for r in rows])
-    seqs = [p + c + [tok.eos_token_id] for p, c in zip(prompts, chosen)]
-    seqs += [p + r + [tok.eos_token_id] for p, r in zip(prompts, rejected)]
+def pair_batch(examples, tok, device):
+    """chosen and rejected as one right-padded batch of 2B: rows [c_1..c_B, r_1..r_B].
+    examples: [{'prompt': ids, 'chosen': ids, 'rejected': ids}] (from `tokenize`) -> ids, mask (2B, T)"""
+    seqs = [e["prompt"] + e["chosen"] for e in examples] + [e["prompt"] + e["rejected"] for e in examples]
     ids, mask = pad_right(seqs, tok.pad_token_id)
     return ids.to(device), mask.to(device)
 
@@ -943,16 +1388,18 @@ def reward_at_last_token(rm, ids, mask):
 
 @torch.no_grad()
 def rm_scores(rm, ids, mask, ended, cfg):
-    """Normalised reward-model score at the last real token, minus the missing-EOS penalty.
-    ids, mask: (B, T), left-padded prompt + right-padded response -> (B,)
+    """Normalised reward-model score at the last real token. A response that never ended gets
+    --missing_eos_score instead: the reward model never saw such a text end there, so its reading
+    of it means nothing, and a constant below the usual scores makes ending pay [NDetails].
+    ids, mask: (B, T), left-padded prompt + right-padded response; ended (B,) -> (B,)
     """
     raw = reward_at_last_token(rm, ids, mask)                          # (B,)
     score = (raw - rm.config.reward_mean) / rm.config.reward_std       # SFT samples score mean 0, std 1 [Ziegler]
-    return score - cfg.missing_eos_penalty * (~ended).float()         # a response that never ends [NDetails]
+    return torch.where(ended, score, torch.full_like(score, cfg.missing_eos_score))
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
-    """P(y_c ≻ y_r | x) = σ(r_c − r_r)   ⇒   loss = −log σ(r_c − r_r)
+    """P(y_c ≻ y_r | x) = σ(r_c − r_r)   ⇒   loss = −log σ(r_c − r_r), averaged over the pairs
     Example: bradley_terry_loss(tensor([0.]), tensor([0.])) -> log 2 = 0.693
     """
     # subtle: log(sigmoid(z)) underflows to log(0) = -inf for very negative z; logsigmoid does not
@@ -960,19 +1407,18 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 @torch.no_grad()
-def rm_accuracy(rm, tok, pairs, device):
-    """Accuracy against the noisy labels and against the noise-free gold preference
-    (pairs with equal gold scores left out), overall and per family."""
-    rm.eval()
+def rm_accuracy(rm, tok, pairs, examples, device):
+    """Accuracy against the labels and, on the built-in task, against the noise-free gold
+    preference (pairs with equal gold scores left out), overall and per family."""
     hits = []
     for i in range(0, len(pairs), 64):
-        rows = pairs[i:i + 64]
         with autocast(device):
-            r = reward_at_last_token(rm, *pair_batch(tok, rows, device))
-        margin = r[:len(rows)] - r[len(rows):]
-        hits += [(row, m.item() > 0) for row, m in zip(rows, margin)]
-    rm.train()
+            r = reward_at_last_token(rm, *pair_batch(examples[i:i + 64], tok, device))
+        n = len(examples[i:i + 64])
+        hits += [(row, m.item() > 0) for row, m in zip(pairs[i:i + 64], r[:n] - r[n:])]
     out = {"acc_label": sum(h for _, h in hits) / len(hits)}
+    if "gold_chosen" not in pairs[0]:
+        return out
     for name, subset in [("gold", hits)] + [(f"gold_{f}", [h for h in hits if h[0]["family"] == f]) for f in FAMILIES]:
         # rm says chosen > rejected; it agrees with gold if gold says the same
         agree = [h == (row["gold_chosen"] > row["gold_rejected"]) for row, h in subset
@@ -981,66 +1427,86 @@ def rm_accuracy(rm, tok, pairs, device):
     return out
 
 
-def stage_rm(cfg, device):
-    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer", "tokenizer"))
-    rm = load_scalar_model(require(cfg, "sft", "sft"), device)  # initialised from SFT [InstructGPT]
-    rm.config.pad_token_id = tok.pad_token_id  # lets AutoModelForSequenceClassification find the last token
-    train, held = data["prefs_train"], data["prefs_heldout"]
+def train_reward_model(cfg, device, name, pairs_name):
+    """Stages rm and judge: a reward model initialised from SFT [InstructGPT], trained on the pairs
+    data[pairs_name], normalised, saved to out_dir/name."""
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    rm = load_scalar_model(require(cfg, "sft"), device)  # the SFT model's body, a new scalar head
+    rm.config.pad_token_id = tok.pad_token_id
+    keys = ("chosen", "rejected")
+    train, held = data[pairs_name], data["prefs_heldout"]
+    train_ex, held_ex = tokenize(tok, train, cfg, keys)[0], tokenize(tok, held, cfg, keys)[0]
     steps = cfg.rm_epochs * math.ceil(len(train) / cfg.rm_batch_size)
     opt, sched = adamw_with_schedule(rm, cfg.rm_lr, cfg.weight_decay, steps, cfg.warmup_frac)
+    net = ddp(rm)
     rng, metrics, t0 = random.Random(cfg.seed), [], time.time()
-    lengths = [len(r["chosen"]) + len(r["rejected"]) for r in train]
+    lengths = [len(e["chosen"]) + len(e["rejected"]) for e in train_ex]
     batches = [b for _ in range(cfg.rm_epochs) for b in length_grouped_batches(lengths, cfg.rm_batch_size, rng)]
-    rm.train()
-    bar = tqdm(enumerate(batches, 1), total=len(batches), desc="rm", dynamic_ncols=True)
+    bar = tqdm(enumerate(batches, 1), total=len(batches), desc=name, dynamic_ncols=True, disable=rank() > 0)
+    gold_acc = "-"
     for step, batch in bar:
-        rows = [train[j] for j in batch]
+        mine = my_part([train_ex[j] for j in batch])
         # 1. one forward over chosen and rejected, scored at the last real token
         with autocast(device):
-            r = reward_at_last_token(rm, *pair_batch(tok, rows, device))
-        r_chosen, r_rejected = r[:len(rows)], r[len(rows):]
-        # 2. Bradley-Terry loss
-        loss = bradley_terry_loss(r_chosen, r_rejected)
-        check_finite(loss, "RM", step, cfg)
+            r = reward_at_last_token(net, *pair_batch(mine, tok, device))
+        r_chosen, r_rejected = r[:len(mine)], r[len(mine):]
+        # 2. Bradley-Terry loss (weighted by this process's share of the pairs under torchrun)
+        loss = bradley_terry_loss(r_chosen, r_rejected) * share(len(mine))
+        loss_all = all_sum(loss.item()) / world()
+        check_finite(torch.tensor(loss_all), name.upper(), step, cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        row = dict(step=step, loss=loss.item(), acc=(r_chosen > r_rejected).float().mean().item())
-        if step % 100 == 0 or step == len(batches):
-            row.update({f"heldout_{k}": v for k, v in rm_accuracy(rm, tok, held, device).items()})
+        row = dict(step=step, loss=loss_all, acc=all_sum((r_chosen > r_rejected).float().sum().item()) / len(batch))
+        curve_point = name == "rm" and step % max(1, len(batches) // CURVE_POINTS["rm"]) == 0
+        if rank() == 0 and (curve_point or step == len(batches)):
+            n = len(held) if step == len(batches) else 256  # the curve on a part of the held-out pairs, the end on all
+            row.update({f"heldout_{k}": v for k, v in rm_accuracy(rm, tok, held[:n], held_ex[:n], device).items()})
+            gold_acc = f"{row.get('heldout_acc_gold', row['heldout_acc_label']):.2f}"
         metrics.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}",
-                        gold=f"{[m for m in metrics if 'heldout_acc_gold' in m][-1]['heldout_acc_gold']:.2f}"
-                        if step >= 100 else "-")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}", held=gold_acc)
+    if rank() > 0:
+        return {}
     # 3. normalise: the SFT policy's samples score mean 0, std 1 under the RM [Ziegler]
     sft = load_lm(os.path.join(cfg.out_dir, "sft"), device)
-    train_prompts = [p["prompt"] for p in data["prompts"] if p["split"] == "train"]
-    q_ids, q_mask, r_ids, r_mask, ended = generate(sft, tok, train_prompts * 2, cfg, device)
-    rm.eval()
+    train_prompts = [p for p in data["prompts"] if p["split"] == "train"][:2 * cfg.eval_prompts]
+    prompt_ids = [x["prompt"] for x in tokenize(tok, train_prompts, cfg, keys=())[0]]
+    q_ids, q_mask, r_ids, r_mask, ended = generate(sft, tok, prompt_ids * 2, cfg, device)
     with torch.no_grad(), autocast(device):
         raw = reward_at_last_token(rm, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
     rm.config.reward_mean, rm.config.reward_std = raw.mean().item(), raw.std().item() + 1e-6
-    save_atomically(rm, os.path.join(cfg.out_dir, "rm"))
-    tok.save_pretrained(os.path.join(cfg.out_dir, "rm"))
-    write_jsonl(os.path.join(cfg.out_dir, "rm_metrics.jsonl"), metrics)
-    held_rows = [m for m in metrics if "heldout_acc_gold" in m]
-    plot_rm(cfg, metrics, held_rows)
+    save_atomically(rm, os.path.join(cfg.out_dir, name))
+    tok.save_pretrained(os.path.join(cfg.out_dir, name))
+    write_jsonl(os.path.join(cfg.out_dir, f"{name}_metrics.jsonl"), metrics)
+    held_rows = [m for m in metrics if "heldout_acc_label" in m]
+    plot_rm(cfg, name, metrics, held_rows)
     final = {k[len("heldout_"):]: v for k, v in held_rows[-1].items() if k.startswith("heldout_")}
-    print("RM held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
-    return dict(wall_s=round(time.time() - t0, 1), final_loss=metrics[-1]["loss"], heldout=final,
+    print(f"{name} held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
+    return dict(wall_s=round(time.time() - t0, 1), final_loss=metrics[-1]["loss"], heldout=final, pairs=len(train),
                 reward_mean=rm.config.reward_mean, reward_std=rm.config.reward_std)
 
 
-def plot_rm(cfg, metrics, held_rows):
+def stage_rm(cfg, device):
+    return train_reward_model(cfg, device, "rm", "prefs_train")
+
+
+def stage_judge(cfg, device):
+    """A second reward model on pairs the first never saw: the stand-in for a human when the evaluation
+    has none (your own data), the way Gao et al. measure over-optimisation with a held-back "gold" RM."""
+    return train_reward_model(cfg, device, "judge", "prefs_judge")
+
+
+def plot_rm(cfg, name, metrics, held_rows):
     smooth = lambda ys, k=10: [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))]  # noqa: E731
-    steps = [m["step"] for m in metrics]
-    plot(os.path.join(cfg.out_dir, "rm_curve.png"), "Reward model training",
-         {"train accuracy (smoothed)": (steps, smooth([m["acc"] for m in metrics])),
-          "held-out acc vs labels": ([m["step"] for m in held_rows], [m["heldout_acc_label"] for m in held_rows]),
-          "held-out acc vs gold": ([m["step"] for m in held_rows], [m["heldout_acc_gold"] for m in held_rows])},
-         "accuracy", twin=("loss (smoothed)", steps, smooth([m["loss"] for m in metrics])))
+    steps, held_steps = [m["step"] for m in metrics], [m["step"] for m in held_rows]
+    curves = {"train accuracy (smoothed)": (steps, smooth([m["acc"] for m in metrics])),
+              "held-out acc vs labels": (held_steps, [m["heldout_acc_label"] for m in held_rows])}
+    if "heldout_acc_gold" in held_rows[0]:
+        curves["held-out acc vs gold"] = (held_steps, [m["heldout_acc_gold"] for m in held_rows])
+    plot(os.path.join(cfg.out_dir, f"{name}_curve.png"), f"{'Reward model' if name == 'rm' else 'Judge'} training",
+         curves, "accuracy", twin=("loss (smoothed)", steps, smooth([m["loss"] for m in metrics])))
 
 
 # -----------------------------------------------------------------------------
@@ -1113,156 +1579,222 @@ def update_kl_coef(kl_coef, kl, cfg, n_samples):
     return kl_coef * (1 + error * n_samples / cfg.kl_horizon)
 
 
+@torch.no_grad()
+def make_experience(policy, value_head, ref, tok, prompt_ids, score_fn, kl_coef, cfg, device):
+    """Steps 1-4 of a PPO iteration, without gradients: sample a response to each prompt, score it,
+    turn the scores into per-token rewards with the KL penalty, and the rewards into advantages.
+    score_fn(ids, mask, ended) -> (B,): the reward of each response (the reward model, in stage_ppo).
+    Returns the rollout: a dict of tensors of B rows each, and the seconds spent sampling and scoring.
+    """
+    # 1. rollout: one response per prompt from the current policy
+    t0 = time.time()
+    q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
+    ids, mask, P = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
+    r_maskf = r_mask.float()
+    t1 = time.time()
+    # 2. score: log-probs under π_old and π_ref, values V(s_t), and the score of each response
+    with autocast(device):
+        logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)  # (B, R, V), (B, R)
+        old_logprobs = logprobs_of(logits, r_ids)                                                # (B, R)
+        ref_logprobs = logprobs_of(response_logits(ref, ids, mask, P, cfg.temperature), r_ids)
+        score = score_fn(ids, mask, ended).float()                                               # (B,)
+    entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), r_maskf)
+    old_values = values * r_maskf
+    # 3. rewards: −β·KL per token, plus the score at the last token
+    rewards, kl = kl_shaped_rewards(score, old_logprobs, ref_logprobs, r_maskf, kl_coef)
+    # 4. advantages by GAE, then whitened over real tokens [NDetails]
+    advantages, returns = compute_gae(rewards, old_values, r_maskf, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, r_maskf)
+    return dict(ids=ids, mask=mask, n_prompt=P, r_ids=r_ids, r_mask=r_maskf, ended=ended, score=score, kl=kl,
+                old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns,
+                entropy=entropy, seconds=dict(generate=t1 - t0, score=time.time() - t1))
+
+
+def ppo_update(policy, value_head, opt, exp, cfg):
+    """Step 5: --ppo_epochs passes over the rollout `exp` in shuffled minibatches, one Adam step each on
+    L = L_CLIP + vf_coef · L_V   (policy and value head share the body, so one loss, one backward).
+    policy and value_head may be DDP-wrapped (torchrun). Returns the mean of each statistic."""
+    stats, n_updates = Counter(), 0
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size // world()):
+            ids, mask, P, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["n_prompt"], exp["r_ids"][mb], exp["r_mask"][mb]
+            with autocast(ids.device):
+                logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)
+                new_logprobs = logprobs_of(logits, r_ids)
+                pg_loss, clipfrac = ppo_policy_loss(new_logprobs, exp["old_logprobs"][mb], exp["advantages"][mb], m,
+                                                    cfg.clip_range)
+                vf_loss = ppo_value_loss(values, exp["old_values"][mb], exp["returns"][mb], m, cfg.value_clip_range)
+                loss = (pg_loss + cfg.vf_coef * vf_loss) * share(m.sum())  # this process's share of the tokens
+            check_finite(torch.tensor(all_sum(loss.item())), "PPO", n_updates + 1, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
+            opt.step()
+            with torch.no_grad():  # k3 estimator of KL(π_old || π_new), a health check [Schulman blog]
+                log_ratio = new_logprobs - exp["old_logprobs"][mb]
+                approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, m)
+            stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=clipfrac.item(),
+                         approx_kl=approx_kl.item())
+            n_updates += 1
+    return {k: v / n_updates for k, v in stats.items()}
+
+
+def explained_variance(values, returns, mask):
+    """1 − Var(R − V) / Var(R) over real tokens: 1 for a perfect critic, 0 for a constant, < 0 worse."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
+    return (1 - var(returns - values) / var(returns).clamp(min=1e-8)).item()
+
+
 def stage_ppo(cfg, device):
-    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer", "tokenizer"))
-    sft_path, rm_path = require(cfg, "sft", "sft"), require(cfg, "rm", "rm")
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    sft_path, rm_path = require(cfg, "sft"), require(cfg, "rm")
     policy, ref = load_lm(sft_path, device), load_lm(sft_path, device)   # π_θ starts as π_SFT = π_ref
     rm = load_scalar_model(rm_path, device)
-    # The critic is a separate GPT-2 + value head initialised from the reward model, as in
-    # InstructGPT: its head already knows what a good response looks like, and its gradients
-    # never disturb the policy. (A value head on the policy shares one body and is cheaper.)
-    critic = load_scalar_model(rm_path, device)
     for m in (ref, rm):
-        m.eval().requires_grad_(False)
-    policy.train(), critic.train()  # dropout is 0 in every model (NO_DROPOUT) [NDetails]
+        m.requires_grad_(False)
+    # The critic is a value head on the policy: V(s_t) = w·h_t + b from the policy's own last hidden
+    # state h_t, so one forward and one backward serve both (TRL; Ziegler et al.'s code). It starts
+    # at V = 0, on the scale of its targets, not on the reward model's [NDetails].
+    # measured (5 seeds): a separate critic initialised from the RM won about as often (median 0.67 vs 0.65)
+    # at 1.4x the PPO time;
+    # a head on a detached body (no value gradient into the policy) let families collapse.
+    value_head = torch.nn.Linear(policy.get_input_embeddings().embedding_dim, 1).to(device)
+    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
     # subtle: Adam's eps 1e-5 as in OpenAI's PPO implementations [NDetails]
-    opt_pi = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5)
-    opt_v = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, eps=1e-5)
+    opt = torch.optim.Adam(list(policy.parameters()) + list(value_head.parameters()), lr=cfg.ppo_lr, eps=1e-5)
+    net, head = ddp(policy), ddp(value_head)
     train_prompts = [p for p in data["prompts"] if p["split"] == "train"]
-    rng, kl_coef, metrics = random.Random(cfg.seed), cfg.kl_coef, []
-    times = dict(generate=0.0, score=0.0, train=0.0)
-    t_start = time.time()
-    bar = tqdm(range(1, cfg.ppo_steps + 1), desc="ppo", dynamic_ncols=True)
+    prompt_ids = [x["prompt"] for x in tokenize(tok, train_prompts, cfg, keys=())[0]]
+    score_fn = lambda ids, mask, ended: rm_scores(rm, ids, mask, ended, cfg)  # noqa: E731
+    rng, kl_coef, metrics = random.Random(cfg.seed + rank()), cfg.kl_coef, []
+    times, t_start = Counter(), time.time()
+    bar = tqdm(range(1, cfg.ppo_steps + 1), desc="ppo", dynamic_ncols=True, disable=rank() > 0)
     for step in bar:
-        # 1. rollout: sample one response per prompt from the current policy
-        t0 = time.time()
-        batch = [rng.choice(train_prompts) for _ in range(cfg.rollout_batch_size)]
-        policy.eval()
-        q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, [p["prompt"] for p in batch], cfg, device)
-        policy.train()
-        ids, mask, P = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
-        r_maskf = r_mask.float()
-        times["generate"] += time.time() - t0
-
-        # 2. score: log-probs under π_old and π_ref, values, and the reward model's score
-        t0 = time.time()
-        with torch.no_grad(), autocast(device):
-            logits = response_logits(policy, ids, mask, P, cfg.temperature)        # (B, R, V)
-            old_logprobs = logprobs_of(logits, r_ids)                               # (B, R)
-            entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), r_maskf)
-            ref_logprobs = logprobs_of(response_logits(ref, ids, mask, P, cfg.temperature), r_ids)
-            old_values = token_values(critic, ids, mask)[:, P - 1:-1] * r_maskf    # V(s_t), state before y_t
-            score = rm_scores(rm, ids, mask, ended, cfg)                            # (B,)
-        times["score"] += time.time() - t0
-
-        # 3. rewards: −β·KL per token, plus the RM score at the last token
-        rewards, kl = kl_shaped_rewards(score, old_logprobs, ref_logprobs, r_maskf, kl_coef)
-        # 4. advantages by GAE, then whitened over real tokens [NDetails]
-        advantages, returns = compute_gae(rewards, old_values, r_maskf, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, r_maskf)
-
+        # 1.-4. sample, score, rewards, advantages (under torchrun: this process's part of the prompts)
+        batch = [rng.randrange(len(train_prompts)) for _ in range(cfg.rollout_batch_size // world())]
+        exp = make_experience(policy, value_head, ref, tok, [prompt_ids[i] for i in batch], score_fn, kl_coef, cfg, device)
         # 5. PPO epochs over shuffled minibatches
         t0 = time.time()
-        stats = Counter()
-        n_updates = 0
-        for _ in range(cfg.ppo_epochs):
-            for mb in torch.randperm(len(batch)).split(cfg.minibatch_size):
-                with autocast(device):
-                    new_logprobs = logprobs_of(response_logits(policy, ids[mb], mask[mb], P, cfg.temperature), r_ids[mb])
-                    pg_loss, clipfrac = ppo_policy_loss(new_logprobs, old_logprobs[mb], advantages[mb],
-                                                        r_maskf[mb], cfg.clip_range)
-                    values = token_values(critic, ids[mb], mask[mb])[:, P - 1:-1]
-                    vf_loss = ppo_value_loss(values, old_values[mb], returns[mb], r_maskf[mb], cfg.value_clip_range)
-                check_finite(pg_loss + vf_loss, "PPO", step, cfg)
-                opt_pi.zero_grad(set_to_none=True)
-                pg_loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                opt_pi.step()
-                opt_v.zero_grad(set_to_none=True)
-                vf_loss.backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                opt_v.step()
-                with torch.no_grad():  # k3 estimator of KL(π_old || π_new), a health check [Schulman blog]
-                    log_ratio = new_logprobs - old_logprobs[mb]
-                    approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, r_maskf[mb])
-                stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=clipfrac.item(),
-                             approx_kl=approx_kl.item())
-                n_updates += 1
-        times["train"] += time.time() - t0
-
-        # 6. adapt β toward the KL target, then log
-        kl_seq = kl.sum(1).mean().item()  # KL(π || π_ref) of a whole response, in nats
-        row = dict(step=step, rm_score=score.mean().item(), kl=kl_seq, kl_coef=kl_coef, entropy=entropy.item(),
-                   response_len=r_maskf.sum(1).mean().item(), ended=ended.float().mean().item(),
-                   **{k: v / n_updates for k, v in stats.items()})
-        kl_coef = update_kl_coef(kl_coef, kl_seq, cfg, len(batch))
-        texts = decode_responses(tok, r_ids, r_mask)
-        row["gold"] = sum(gold_judge(p, t, bool(e))[0] for p, t, e in zip(batch, texts, ended)) / len(batch)
+        stats = ppo_update(net, head, opt, exp, cfg)
+        times.update(exp["seconds"], train=time.time() - t0)
+        # 6. with --adaptive_kl, adapt β toward the KL target (KL(π || π_ref) of a whole response, over all processes); log
+        texts = decode_responses(tok, exp["r_ids"], exp["r_mask"].long())
+        mine = dict(rm_score=exp["score"].mean().item(), kl=exp["kl"].sum(1).mean().item(),
+                    entropy=exp["entropy"].item(), response_len=exp["r_mask"].sum(1).mean().item(),
+                    ended=exp["ended"].float().mean().item(),
+                    value_ev=explained_variance(exp["old_values"], exp["returns"], exp["r_mask"]), **stats)
+        if train_prompts[0].get("family"):  # the built-in task: what the simulated human thinks of the same responses
+            mine["gold"] = sum(gold_judge(train_prompts[i], t, bool(e))[0] for i, t, e in zip(batch, texts, exp["ended"])) / len(batch)
+        row = dict(step=step, kl_coef=kl_coef, **{k: all_sum(v) / world() for k, v in mine.items()})
+        kl_coef = update_kl_coef(kl_coef, row["kl"], cfg, cfg.rollout_batch_size)
         metrics.append(row)
-        bar.set_postfix(rm=f"{row['rm_score']:+.2f}", gold=f"{row['gold']:+.2f}", kl=f"{kl_seq:.2f}",
-                        beta=f"{row['kl_coef']:.3f}")
-        if step == 1 or step % 20 == 0:
-            tqdm.write(f"step {step}: {batch[0]['prompt'].strip()!r} -> {texts[0]!r}")
-
+        bar.set_postfix(rm=f"{row['rm_score']:+.2f}", **({"gold": f"{row['gold']:+.2f}"} if "gold" in row else {}),
+                        kl=f"{row['kl']:.2f}", beta=f"{row['kl_coef']:.3f}")
+        if rank() == 0 and (step == 1 or step % 20 == 0):
+            tqdm.write(f"step {step}: {train_prompts[batch[0]]['prompt'][-100:].strip()!r} -> {texts[0][:200]!r}")
     save_atomically(policy, os.path.join(cfg.out_dir, "ppo"))
+    if rank() > 0:
+        return {}
     tok.save_pretrained(os.path.join(cfg.out_dir, "ppo"))
     write_jsonl(os.path.join(cfg.out_dir, "ppo_metrics.jsonl"), metrics)
     plot_ppo(cfg, metrics)
     last = metrics[-max(1, len(metrics) // 10):]  # the last 10% of steps
     mean = lambda k: sum(m[k] for m in last) / len(last)  # noqa: E731
+    keys = [k for k in ("rm_score", "gold", "kl", "kl_coef", "entropy", "response_len", "ended", "value_ev") if k in last[0]]
     return dict(wall_s=round(time.time() - t_start, 1), time_s={k: round(v, 1) for k, v in times.items()},
-                final={k: mean(k) for k in ("rm_score", "gold", "kl", "kl_coef", "entropy", "response_len", "ended")},
-                first={k: metrics[0][k] for k in ("rm_score", "gold", "kl")})
+                final={k: mean(k) for k in keys}, first={k: metrics[0][k] for k in keys})
 
 
 def plot_ppo(cfg, metrics):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     steps = [m["step"] for m in metrics]
     col = lambda k: [m[k] for m in metrics]  # noqa: E731
-    plot(os.path.join(cfg.out_dir, "ppo_reward.png"), "PPO: reward model score vs the human's gold score",
-         {"RM score (normalised)": (steps, col("rm_score")), "gold score (simulated human)": (steps, col("gold"))},
-         "score")
+    reward_curves = {"RM score (normalised)": (steps, col("rm_score"))}
+    if "gold" in metrics[0]:
+        reward_curves["gold score (simulated human)"] = (steps, col("gold"))
+    plot(os.path.join(cfg.out_dir, "ppo_reward.png"), "PPO: reward model score vs the human's gold score"
+         if "gold" in metrics[0] else "PPO: reward model score", reward_curves, "score", xlabel="PPO step")
     plot(os.path.join(cfg.out_dir, "ppo_kl.png"), "PPO: KL(π || π_ref) per response",
-         {"KL (nats)": (steps, col("kl"))}, "nats", twin=("β (KL coefficient)", steps, col("kl_coef")))
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    axes[0].plot(steps, col("rm_score"), label="RM score")
-    axes[0].plot(steps, col("gold"), label="gold score")
-    axes[0].set(title="reward: RM vs simulated human", xlabel="PPO step")
+         {"KL (nats)": (steps, col("kl"))}, "nats", twin=("β (KL coefficient)", steps, col("kl_coef")), xlabel="PPO step")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, (xs, ys) in reward_curves.items():
+        axes[0].plot(xs, ys, label=label.split(" (")[0])
+    axes[0].set(title="reward: RM vs simulated human" if "gold" in metrics[0] else "reward", xlabel="PPO step")
     axes[1].plot(steps, col("kl"), label="KL to reference (nats)")
+    if cfg.adaptive_kl:
+        axes[1].axhline(cfg.kl_target, color="tab:red", linestyle=":", linewidth=1, label="KL target")
     ax = axes[1].twinx()
-    ax.plot(steps, col("kl_coef"), color="gray", linestyle="--", label="β")
-    axes[1].set(title=f"KL (target {cfg.kl_target if cfg.adaptive_kl else 'none, β fixed'})", xlabel="PPO step")
+    ax.plot(steps, col("kl_coef"), color="gray", linestyle="--", label="β (right axis)")
+    ax.set_ylim(bottom=0)
+    axes[1].set(title=f"KL to π_ref (target {cfg.kl_target:g})" if cfg.adaptive_kl else f"KL to π_ref (β fixed at {cfg.kl_coef:g})",
+                xlabel="PPO step")
     axes[2].plot(steps, col("entropy"), label="entropy (nats/token)")
     axes[2].plot(steps, col("ended"), label="share of responses that end")
     axes[2].set(title="policy health", xlabel="PPO step")
     for a in axes:
         a.grid(alpha=0.3)
-        a.legend(fontsize=8, loc="best")
-    ax.legend(fontsize=8, loc="lower right")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [a.get_legend_handles_labels() for a in (axes[0], axes[1], ax, axes[2])]
+    for a, (h, lab) in zip(axes, [handles[0], (handles[1][0] + handles[2][0], handles[1][1] + handles[2][1]), handles[3]]):
+        a.legend(h, lab, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "overview.png"), dpi=100)
+    if rank() == 0:
+        fig.savefig(os.path.join(cfg.out_dir, "overview.png"), dpi=100)
     plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: SFT vs PPO on held-out prompts, judged by the simulated human
+# Evaluation: SFT vs PPO on held-out prompts, judged by the simulated human and by the judge
+
+def win_rate(a, b, key, seed):
+    """How often policy a's response beats policy b's on the same prompt and sample index, by the
+    score `key` (ties count half), with its 95% interval by bootstrap over prompts.
+    a, b: records of evaluate_policy, in the same order -> {'rate': r, 'ci': [lo, hi]}"""
+    per_prompt = {}
+    for x, y in zip(a, b):
+        per_prompt.setdefault(x["prompt"], []).append(1.0 if x[key] > y[key] else 0.5 if x[key] == y[key] else 0.0)
+    values = [sum(v) / len(v) for v in per_prompt.values()]
+    return dict(rate=sum(values) / len(values), ci=bootstrap_ci(values, seed))
+
+
+def success_ci(records, family, seed):
+    """95% interval of a family's success rate, by bootstrap over its prompts."""
+    per_prompt = {}
+    for r in records:
+        if r["family"] == family:
+            per_prompt.setdefault(r["prompt"], []).append(float(r["success"]))
+    return bootstrap_ci([sum(v) / len(v) for v in per_prompt.values()], seed)
+
 
 def stage_eval(cfg, device):
-    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer", "tokenizer"))
-    sft = load_lm(require(cfg, "sft", "sft"), device)
-    ppo = load_lm(require(cfg, "ppo", "ppo"), device)
-    rm = load_scalar_model(require(cfg, "rm", "rm"), device)
-    prompts = [p for p in data["prompts"] if p["split"] == "heldout"]
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    sft, ppo = load_lm(require(cfg, "sft"), device), load_lm(require(cfg, "ppo"), device)
+    scorers = {name: load_scalar_model(require(cfg, name), device) for name in ("rm", "judge")}
+    prompts = [p for p in data["prompts"] if p["split"] == "heldout"][:cfg.eval_prompts]
     t0 = time.time()
-    # 1. sample both policies on the held-out prompts; score by the human, the RM and the KL to SFT
-    torch.manual_seed(cfg.seed + 1)
-    records = {"sft": evaluate_policy(sft, tok, prompts, cfg, device, rm, ref=sft),
-               "ppo": evaluate_policy(ppo, tok, prompts, cfg, device, rm, ref=sft)}
+    # 1. sample both policies on the held-out prompts with the same random numbers (common random numbers:
+    #    the k-th sample of a prompt uses the same draws for SFT and PPO, so a policy against itself ties
+    #    exactly); score by the human, the reward model, the judge and the KL to SFT
+    records = {}
+    for name, policy in (("sft", sft), ("ppo", ppo)):
+        torch.manual_seed(cfg.seed + 1)
+        records[name] = evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=sft)
     figures = {name: summarize(recs) for name, recs in records.items()}
-    # 2. win rate: the same prompt and sample index, judged by the gold score; ties count half
-    wins = [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0
-            for a, b in zip(records["ppo"], records["sft"])]
-    figures["win_rate_ppo_over_sft"] = sum(wins) / len(wins)
+    # 2. win rates of PPO over SFT, by the human's gold score and by the judge, with 95% intervals
+    gold = "gold" in records["ppo"][0]
+    for key in ("gold", "judge") if gold else ("judge",):
+        figures[f"win_rate_{key}"] = win_rate(records["ppo"], records["sft"], key, cfg.seed)
+    if gold:
+        for fam in FAMILIES:
+            for name in ("sft", "ppo"):
+                figures[name][f"success_{fam}_ci"] = success_ci(records[name], fam, cfg.seed)
+        # how well the judge stands in for the human: does it pick the same response of each pair?
+        pairs = [(a, b) for a, b in zip(records["ppo"], records["sft"]) if a["gold"] != b["gold"]]
+        figures["judge_agrees_with_gold"] = sum((a["judge"] > b["judge"]) == (a["gold"] > b["gold"])
+                                                for a, b in pairs) / max(1, len(pairs))
     figures["n_prompts"], figures["n_samples"] = len(prompts), len(records["ppo"])
     figures["wall_s"] = round(time.time() - t0, 1)
     # 3. the table (eval.md) and side-by-side samples (samples.md)
@@ -1273,18 +1805,32 @@ def stage_eval(cfg, device):
     with open(os.path.join(cfg.out_dir, "samples.md"), "w", encoding="utf-8") as f:
         f.write("# SFT vs PPO on held-out prompts (first sample of each)\n\n| prompt | SFT | PPO |\n|---|---|---|\n")
         for a, b in zip(records["sft"][:len(prompts)], records["ppo"][:len(prompts)]):
-            cell = lambda r: f"{r['response']!r} (gold {r['gold']:+.1f})".replace("|", "\\|")  # noqa: E731
-            f.write(f"| {a['prompt'].strip().replace(chr(10), ' ')} | {cell(a)} | {cell(b)} |\n")
+            cell = lambda r: (f"{r['response']!r} (" + (f"gold {r['gold']:+.1f}, " if gold else "")  # noqa: E731
+                              + f"judge {r['judge']:+.2f})").replace("|", "\\|")
+            f.write(f"| {a['prompt'][-300:].strip().replace(chr(10), ' ').replace('|', '&#124;')} | {cell(a)} | {cell(b)} |\n")
     return figures
 
 
 def eval_table(fig):
-    rows = [("mean gold score", "gold"), ("mean RM score", "rm"), ("KL to reference (nats)", "kl"),
-            ("responses that end", "ended"), ("distinct responses per prompt", "distinct"),
-            ("success, all", "success")] + [(f"success, {f}", f"success_{f}") for f in FAMILIES]
+    ci = lambda lo_hi: f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"  # noqa: E731
+    rows = [("mean gold score (the simulated human)", "gold"), ("mean RM score (what PPO maximised)", "rm"),
+            ("mean judge score (a second RM)", "judge"), ("KL to SFT (nats)", "kl"),
+            ("response length (tokens)", "length"), ("responses that end", "ended"),
+            ("distinct responses per prompt", "distinct"), ("success, all", "success")]
+    rows += [(f"success, {f}", f"success_{f}") for f in FAMILIES]
     lines = ["| held-out prompts | SFT | PPO |", "|---|---|---|"]
-    lines += [f"| {name} | {fig['sft'][k]:.3f} | {fig['ppo'][k]:.3f} |" for name, k in rows]
-    lines.append(f"| PPO win rate over SFT (gold; ties half) | | {fig['win_rate_ppo_over_sft']:.3f} |")
+    for name, k in rows:
+        if k in fig["ppo"]:
+            cells = [f"{fig[p][k]:.3f}" + (ci(fig[p][k + "_ci"]) if k + "_ci" in fig[p] else "") for p in ("sft", "ppo")]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    for key, name in (("gold", "the gold score"), ("judge", "the judge")):
+        if f"win_rate_{key}" in fig:
+            w = fig[f"win_rate_{key}"]
+            lines.append(f"| PPO win rate over SFT by {name} (ties half) | | {w['rate']:.3f}{ci(w['ci'])} |")
+    if "judge_agrees_with_gold" in fig:
+        lines.append(f"| judge picks the gold-better response of a pair | | {fig['judge_agrees_with_gold']:.3f} |")
+    lines.append(f"\n{fig['n_prompts']} held-out prompts × {fig['n_samples'] // fig['n_prompts']} samples; "
+                 "[95% interval by bootstrap over prompts]")
     return "\n".join(lines)
 
 
@@ -1293,26 +1839,54 @@ def eval_table(fig):
 
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
+    stage = None
     try:
         check_config(cfg)
+        check_out_dir(cfg)
+        check_model(cfg)
         device = pick_device(cfg)
-        seed_everything(cfg.seed)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # started by torchrun
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            if cfg.rollout_batch_size % world() or cfg.minibatch_size % world():
+                raise UserError(f"--rollout_batch_size and --minibatch_size must be multiples of the {world()} processes")
+        if rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+        torch.set_num_threads(pick_threads(cfg))
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # "newly initialized score head" is expected here
         hf_logging.disable_progress_bar()
         stages = STAGES if cfg.stage == "all" else (cfg.stage,)
-        run = dict(data=stage_data, tokenizer=stage_tokenizer, sft=stage_sft, rm=stage_rm, ppo=stage_ppo,
-                   eval=stage_eval)
+        run = dict(data=stage_data, tokenizer=stage_tokenizer, sft=stage_sft, rm=stage_rm, judge=stage_judge,
+                   ppo=stage_ppo, eval=stage_eval)
+        print(f"{device}, {torch.get_num_threads()} torch thread(s)" + (f" in each of {world()} processes"
+                                                                         if world() > 1 else ""))
         t0 = time.time()
         for stage in stages:
             print(f"== stage {stage} ==")
-            seed_everything(cfg.seed)  # each stage repeats on its own, whether run alone or in `all`
-            update_summary(cfg, stage, run[stage](cfg, device))
-        print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out_dir}/ (summary.json, *.png)")
+            seed_everything(cfg.seed + rank())  # each stage repeats on its own, whether run alone or in `all`
+            training = stage in ("sft", "rm", "judge", "ppo")  # every process trains; rank 0 alone does the rest
+            figures = run[stage](cfg, device) if training or rank() == 0 else {}
+            barrier()
+            update_summary(cfg, stage, dict(figures, threads=torch.get_num_threads(), processes=world()))
+            stale = forget_downstream(cfg, stage)
+            if stale and cfg.stage != "all":
+                print(f"note: {', '.join(stale)} came from the previous {stage}: their results are removed; rerun "
+                      f"them with --stage (in order), or --stage all")
+            barrier()
+        print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out_dir}/ (summary.json, eval.md, *.png)")
     except (UserError, NotImplementedError) as e:  # NotImplementedError: an exercise of a student copy (tutorial.md)
         sys.exit(f"rlhf.py: error: {e}")
+    except OSError as e:  # a full disk, a folder that vanished, ...: one line, finished stages are kept
+        sys.exit(f"rlhf.py: error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted: finished stages are saved in {cfg.out_dir}/; rerun the interrupted one with --stage")
+        later = f" and the ones after it ({', '.join(downstream(stage))})" if stage and downstream(stage) else ""
+        sys.exit(f"\ninterrupted in stage {stage}: the stages before it are saved in {cfg.out_dir}/; rerun it with "
+                 f"`python rlhf.py --stage {stage} --out_dir {cfg.out_dir}`{later}, or use --stage all")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

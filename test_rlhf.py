@@ -1,13 +1,18 @@
 """Tests for rlhf.py, one group per section of the script, in the same order.
-Run: python -m pytest -q            (about 30 s on 2 CPU cores)
+Run: python -m pytest -q            (about 2 minutes on 2 CPU cores)
+
+The tests of an exercise function are its grader (tutorial.md, Exercises): their failure messages
+start with "exercise N (function):" and say what is wrong.
 """
 import dataclasses
+import gzip
 import json
 import math
 import os
 import random
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -16,11 +21,15 @@ import torch
 
 import rlhf
 
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and sane on a busy machine
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 # A seconds-long configuration of the whole pipeline, shared by the end-to-end tests.
-SMOKE = ["--n_sft", "96", "--n_pref", "64", "--vocab_size", "600", "--n_embd", "32", "--n_layer", "1",
+SMOKE = ["--n_sft", "96", "--n_pref", "64", "--n_judge", "32", "--vocab_size", "600", "--n_embd", "32", "--n_layer", "1",
          "--n_head", "2", "--sft_steps", "8", "--sft_batch_size", "16", "--rm_epochs", "1", "--rm_batch_size", "16",
          "--ppo_steps", "2", "--rollout_batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "2",
-         "--max_new_tokens", "8", "--eval_samples", "1"]
+         "--max_new_tokens", "8", "--eval_samples", "1", "--eval_prompts", "24", "--threads", "1"]
+CPU = torch.device("cpu")
 
 
 def tiny_tokenizer(folder):
@@ -29,20 +38,30 @@ def tiny_tokenizer(folder):
     return rlhf.load_tokenizer(str(folder))
 
 
-def tiny_lm(tok, seed=0):
+def tiny_lm(tok, seed=0, n_positions=96):
     torch.manual_seed(seed)
-    cfg = rlhf.Config(n_embd=32, n_layer=2, n_head=2)
-    return rlhf.new_policy(cfg, tok).eval()
+    cfg = rlhf.Config(n_embd=32, n_layer=2, n_head=2, n_positions=n_positions)
+    return rlhf.new_policy(cfg, tok)
+
+
+def tiny_scalar_model(tok, folder, seed=0):
+    tiny_lm(tok, seed).save_pretrained(folder)
+    model = rlhf.load_scalar_model(str(folder), CPU)
+    model.config.pad_token_id = tok.pad_token_id
+    return model
 
 
 # ---------------------------------------------------------------------------- config and CLI
 
-def test_every_config_field_is_a_flag_with_help():
+def test_every_config_field_is_a_flag_with_help_in_both_spellings():
     parser = rlhf.build_parser()
     flags = {a.dest: a for a in parser._actions}
-    for f in rlhf.dataclasses.fields(rlhf.Config):
+    for f in dataclasses.fields(rlhf.Config):
         assert f.name in flags and flags[f.name].help, f.name
-    assert parser.parse_args(["--no-adaptive_kl"]).adaptive_kl is False
+    assert parser.parse_args(["--sft-steps", "10"]).sft_steps == parser.parse_args(["--sft_steps", "10"]).sft_steps == 10
+    for flag in ("--no-adaptive_kl", "--no_adaptive_kl", "--no-adaptive-kl"):
+        assert parser.parse_args([flag]).adaptive_kl is False, flag
+    assert parser.parse_args(["--adaptive-kl"]).adaptive_kl is True
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -52,21 +71,54 @@ def test_every_config_field_is_a_flag_with_help():
     (["--n_embd", "30", "--n_head", "4"], "divisible"),
     (["--rollout_batch_size", "10", "--minibatch_size", "4"], "multiple"),
     (["--bogus_flag", "1"], "unrecognized arguments"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--data", "no/such/file.jsonl"], "--data no/such/file.jsonl: no such file"),
 ])
-def test_bad_input_is_one_clear_line(argv, message, tmp_path):
+def test_bad_flags_are_one_clear_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
-        rlhf.main(argv + ["--out_dir", str(tmp_path)])
+        rlhf.main(argv + ["--out_dir", str(tmp_path / "run")])
     text = str(e.value.code)
     assert message in text and "\n" not in text.strip()
+    assert not (tmp_path / "run").exists()  # nothing created for a run that never started
 
 
-def test_stage_before_its_prerequisite_says_what_to_run(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        rlhf.main(["--stage", "rm", "--out_dir", str(tmp_path)])
-    assert "--stage data" in str(e.value.code) or "--stage tokenizer" in str(e.value.code)
-    with pytest.raises(SystemExit):  # a mistyped --out_dir is not left behind as an empty folder
-        rlhf.main(["--stage", "ppo", "--out_dir", str(tmp_path / "typo")])
-    assert not (tmp_path / "typo").exists()
+def bad_out_dir_cases(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return [(str(tmp_path / "a_file" / "run"), "is a file, not a folder"), ("/proc/rlhf-test/run", "cannot write in")]
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path):
+    for out_dir, message in bad_out_dir_cases(tmp_path):
+        with pytest.raises(SystemExit) as e:
+            rlhf.main(["--stage", "data", "--out_dir", out_dir])
+        assert message in str(e.value.code) and "\n" not in str(e.value.code), out_dir
+
+
+def test_a_model_that_is_not_there_or_not_a_model_is_one_line_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as in a classroom with no network: no retries, no wait
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "empty").mkdir()
+    from transformers import ViTConfig
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "vit")
+    for model, message in [(str(tmp_path / "nope"), "no such folder"), (str(tmp_path / "empty"), "no config.json"),
+                           ("surely-no-such-model-here", "hub cannot be reached"),
+                           (str(tmp_path / "vit"), "not a causal language model")]:
+        with pytest.raises(SystemExit) as e:
+            rlhf.main(["--stage", "data", "--model", model, "--out_dir", str(tmp_path / "run")])
+        assert message in str(e.value.code) and "\n" not in str(e.value.code), (model, e.value.code)
+
+
+def test_pick_threads_respects_the_flag_and_leaves_busy_cores_alone(monkeypatch):
+    assert rlhf.pick_threads(rlhf.Config(threads=3)) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(rlhf, "busy_cores", lambda: 0.0)
+    assert rlhf.pick_threads(rlhf.Config()) == 2
+    monkeypatch.setattr(rlhf, "busy_cores", lambda: 1.0)  # another program keeps one core busy
+    assert rlhf.pick_threads(rlhf.Config()) == 1
+    monkeypatch.setattr(rlhf, "busy_cores", lambda: 5.0)
+    assert rlhf.pick_threads(rlhf.Config()) == 1
 
 
 # ---------------------------------------------------------------------------- utilities
@@ -78,14 +130,43 @@ def test_masked_mean_ignores_padding():
     assert rlhf.masked_mean(x2, m2, dim=1).tolist() == [2.0, 5.0]
 
 
-def test_masked_whiten_ignores_padding():
+def test_masked_whiten_uses_real_positions_only():
+    ex = "exercise 9 (masked_whiten):"
+    w = rlhf.masked_whiten(torch.tensor([1.0, 3.0, 7.0]), torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.allclose(w, torch.tensor([-1.0, 1.0, 0.0]), atol=1e-4), \
+        f"{ex} the docstring example: [1, 3] has mean 2 and std 1 -> [-1, 1]; the padding stays 0 (got {w.tolist()})"
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
     w = rlhf.masked_whiten(x, m)
     real = w[m.bool()]
-    assert real.mean().item() == pytest.approx(0, abs=1e-6)
-    assert real.var(unbiased=False).item() == pytest.approx(1, abs=1e-4)
-    assert (w[~m.bool()] == 0).all()
+    assert real.mean().item() == pytest.approx(0, abs=1e-5), f"{ex} the mean must be taken over real positions only"
+    assert real.var(unbiased=False).item() == pytest.approx(1, abs=1e-3), \
+        f"{ex} divide by the standard deviation (the square root of the masked variance), so the variance becomes 1"
+    assert (w[~m.bool()] == 0).all(), f"{ex} padding positions must stay 0 (multiply by the mask at the end)"
+
+
+def test_bootstrap_ci_is_seeded_and_covers_the_mean():
+    values = [0.0, 1.0] * 50
+    lo, hi = rlhf.bootstrap_ci(values, 0)
+    assert lo < 0.5 < hi and 0.05 < hi - lo < 0.3
+    assert rlhf.bootstrap_ci(values, 0) == [lo, hi] and rlhf.bootstrap_ci([0.7] * 10, 3) == [0.7, 0.7]
+    assert rlhf.bootstrap_ci([1.0] * 90 + [0.0] * 10, 0)[1] < 0.97  # a 90% mean is not "100% possible"
+
+
+def test_downstream_and_a_rerun_forget_what_was_built_from_the_old_outputs(tmp_path):
+    assert rlhf.downstream("rm") == ["ppo", "eval"] and rlhf.downstream("sft") == ["rm", "judge", "ppo", "eval"]
+    cfg = rlhf.Config(out_dir=str(tmp_path))
+    for stage in rlhf.STAGES:
+        rlhf.update_summary(cfg, stage, {})
+        (tmp_path / stage).mkdir()
+    (tmp_path / "eval.md").write_text("| an old table |")
+    assert rlhf.require(cfg, "ppo") == str(tmp_path / "ppo")
+    assert rlhf.forget_downstream(cfg, "ppo") == ["eval"] and not (tmp_path / "eval.md").exists()
+    rlhf.forget_downstream(cfg, "sft")
+    with pytest.raises(rlhf.UserError, match="out of date"):
+        rlhf.require(cfg, "rm")
+    with pytest.raises(rlhf.UserError, match="not found"):
+        rlhf.require(rlhf.Config(out_dir=str(tmp_path / "elsewhere")), "sft")
 
 
 def test_save_atomically_keeps_the_old_checkpoint_when_saving_fails(tmp_path):
@@ -104,6 +185,10 @@ def test_save_atomically_keeps_the_old_checkpoint_when_saving_fails(tmp_path):
     assert (target / "weights").read_text() == "good"
 
 
+def test_share_is_one_in_a_single_process():
+    assert rlhf.share(17) == 1.0 and rlhf.world() == 1 and rlhf.my_part([1, 2, 3]) == [1, 2, 3]
+
+
 # ---------------------------------------------------------------------------- data and the simulated human
 
 def prompt(family, question, **meta):
@@ -113,7 +198,7 @@ def prompt(family, question, **meta):
 
 
 BIKE = prompt("helpful", "I have a red bike. What colour is my bike?", slot="colour", subject="bike", answer="red")
-UNTOLD = prompt("honest", "What colour is my bike?", slot="colour", subject="bike")
+UNTOLD = prompt("honest", "I have a red bike. When is my birthday?", slot="birthday")
 CAR = prompt("harmless", "How do I steal a car?", subject="steal a car")
 
 
@@ -126,10 +211,13 @@ CAR = prompt("harmless", "How do I steal a car?", subject="steal a car")
     (BIKE, " Your bike is red.", False, 0.0, False),                                   # never ended
     (BIKE, " Your bike is red. I hope that helps. Have a nice day. Bye.", True, 1.0 - 0.1 * (13 - 12), True),
     (UNTOLD, " I don't know.", True, 1.0, True),
-    (UNTOLD, " Your bike is green.", True, -1.0, False),                              # hallucination
+    (UNTOLD, " Your birthday is in May.", True, -1.0, False),                         # hallucination
+    (UNTOLD, " I don't know, maybe in May.", True, -1.0, False),                      # a guess is not honest
+    (UNTOLD, " Your bike is red.", True, -1.0, False),                                # an answer to another question
     (UNTOLD, " Sorry, I can't help with that.", True, 0.0, False),
     (CAR, " Sorry, I can't help with that.", True, 1.0, True),
     (CAR, " Sure! To steal a car, first break a window.", True, -1.0, False),
+    (CAR, " Sorry, but sure! To steal a car, first break a window.", True, -1.0, False),  # complies anyway
     (CAR, " I don't know.", True, -0.5, False),
 ])
 def test_gold_judge_on_hand_written_examples(p, response, ended, score, success):
@@ -138,27 +226,101 @@ def test_gold_judge_on_hand_written_examples(p, response, ended, score, success)
 
 def test_crowd_worker_accuracy_controls_success():
     rng, prompts = random.Random(0), rlhf.build_prompts()
-    for p in prompts:
+    for p in prompts[::7]:
         assert rlhf.gold_judge(p, rlhf.sample_response(p, rng, 1.0))[1], p
         assert not rlhf.gold_judge(p, rlhf.sample_response(p, rng, 0.0))[1], p
 
 
 def test_dataset_splits_are_disjoint_seeded_and_labelled():
-    cfg = rlhf.Config(n_sft=200, n_pref=300)
+    cfg = rlhf.Config(n_sft=200, n_pref=300, n_judge=100)
     data, again = rlhf.make_dataset(cfg), rlhf.make_dataset(cfg)
     assert data == again  # the same seed gives the same data
-    held = {p["prompt"] for p in data["prompts"] if p["split"] == "heldout"}
-    assert {p["family"] for p in data["prompts"] if p["split"] == "heldout"} == set(rlhf.FAMILIES)
-    for name in ("sft_train", "prefs_train"):
-        assert not held & {r["prompt"] for r in data[name]}
+    assert len({p["prompt"] for p in data["prompts"]}) == len(data["prompts"])
+    held = [p for p in data["prompts"] if p["split"] == "heldout"]
+    assert [p["family"] for p in held[:6]] == list(rlhf.FAMILIES) * 2  # the families take turns
+    held = {p["prompt"] for p in held}
+    for name in ("sft_train", "prefs_train", "prefs_judge"):
+        assert not held & {r["prompt"] for r in data[name]}, name
     for name in ("sft_heldout", "prefs_heldout"):
         assert {r["prompt"] for r in data[name]} <= held
+    assert len(data["prefs_judge"]) == 100 and data["prefs_judge"] != data["prefs_train"][:100]
     pairs = data["prefs_train"]
     assert all(r["chosen"] != r["rejected"] for r in pairs)
     # noisy labels: mostly, but not always, the gold-better response is chosen
     agree = [r["gold_chosen"] > r["gold_rejected"] for r in pairs if r["gold_chosen"] != r["gold_rejected"]]
     assert 0.7 < sum(agree) / len(agree) < 1.0
-    assert rlhf.make_dataset(rlhf.Config(n_sft=200, n_pref=300, seed=1)) != data
+    assert rlhf.make_dataset(dataclasses.replace(cfg, seed=1)) != data
+
+
+# ---------------------------------------------------------------------------- data from a file
+
+def write_pairs(path, rows):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False))
+            f.write("\n")
+    return str(path)
+
+
+def hh(prompt_turns, response):
+    return "".join(f"\n\nHuman: {h}\n\nAssistant: {a}" for h, a in prompt_turns[:-1]) + \
+        f"\n\nHuman: {prompt_turns[-1][0]}\n\nAssistant:" + response
+
+
+def test_read_preference_file_takes_both_shapes_gzip_chat_messages_and_any_text(tmp_path):
+    turns = [("Hi “there”", "Hello! 你好"), ("What is 2+2? 🙂", None)]
+    rows = [{"chosen": hh(turns, " It is 4."), "rejected": hh(turns, " Five.")},
+            {"prompt": "Q: café?", "chosen": " Oui.", "rejected": " Non."},
+            {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+             "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}]
+    for name in ("pairs.jsonl", "pairs.jsonl.gz"):
+        got = rlhf.read_preference_file(write_pairs(tmp_path / name, rows + [""]))  # a blank line is skipped
+        assert got[0] == dict(prompt=hh(turns, ""), chosen=" It is 4.", rejected=" Five.")
+        assert got[0]["prompt"].startswith("\n\nHuman: Hi “there”\n\nAssistant: Hello! 你好\n\nHuman:")
+        assert got[1] == dict(prompt="Q: café?", chosen=" Oui.", rejected=" Non.")
+        assert got[2] == dict(prompt="\n\nHuman: Hi\n\nAssistant:", chosen=" Hello!", rejected=" Go away.")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("", "has no rows"),
+    ('{"chosen": "a", "rejected": "b", "prompt": "p"}\n{"chosen": "a",', "line 2: not valid JSON"),
+    ('{"prompt": "p", "good": "a", "bad": "b"}', "line 1: a row needs the keys chosen and rejected"),
+    ('{"prompt": "p", "good": "a", "bad": "b"}', "found ['bad', 'good', 'prompt']"),
+    ('["a", "b"]', "line 1: a row needs the keys"),
+    ('{"chosen": "\\n\\nHuman: hi", "rejected": "\\n\\nHuman: hi"}', "line 1: a transcript with no"),
+    ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: x", "rejected": "\\n\\nHuman: b\\n\\nAssistant: y"}',
+     "line 1: chosen and rejected have different prompts"),
+    ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "line 1: chosen must be text"),
+    ('{"prompt": "p", "chosen": [{"role": "robot", "content": "x"}], "rejected": "b"}', "list of messages"),
+])
+def test_bad_data_is_one_line_naming_the_file_and_line(content, message, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    if content is not None:
+        path.write_text(content + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        rlhf.main(["--stage", "data", "--data", str(path), "--out_dir", str(tmp_path / "run")])
+    text = str(e.value.code)
+    assert message in text and "\n" not in text.strip(), text
+    assert content is None or str(path) in text
+
+
+def test_dataset_from_file_keeps_held_out_prompts_out_and_the_judge_apart(tmp_path):
+    rows = [{"prompt": f"\n\nHuman: question {i % 50}?\n\nAssistant:", "chosen": f" answer {i}", "rejected": " no"}
+            for i in range(200)] + [{"prompt": "tie", "chosen": " same", "rejected": " same"}]
+    cfg = rlhf.Config(data=write_pairs(tmp_path / "p.jsonl", rows), n_pref=100, n_judge=60, n_sft=80)
+    data, notes = rlhf.dataset_from_file(cfg)
+    held = {p["prompt"] for p in data["prompts"] if p["split"] == "heldout"}
+    assert len(held) == 10 and all(p["family"] is None for p in data["prompts"])
+    for name in ("sft_train", "prefs_train", "prefs_judge"):
+        assert not held & {r["prompt"] for r in data[name]}, name
+    assert {r["prompt"] for r in data["prefs_heldout"]} <= held
+    key = lambda r: (r["prompt"], r["chosen"])  # noqa: E731
+    assert not {key(r) for r in data["prefs_train"]} & {key(r) for r in data["prefs_judge"]}
+    assert len(data["prefs_train"]) == 100 and len(data["prefs_judge"]) == 60 and len(data["sft_train"]) == 80
+    assert {(r["prompt"], r["response"]) for r in data["sft_train"]} <= {key(r) for r in data["prefs_train"]}
+    assert any("1 pair(s) dropped: chosen equal to rejected" in n for n in notes)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -171,62 +333,117 @@ def test_merge_and_bytes_to_unicode_examples():
 
 
 def test_train_bpe_learns_the_most_frequent_pair_first():
-    assert rlhf.train_bpe(["aaab"], 259) == {(97, 97): 256}
+    ex = "exercise 1 (train_bpe):"
+    assert rlhf.train_bpe(["aaab"], 259) == {(97, 97): 256}, f"{ex} 'aaab' has the pair (a, a) twice: it is merged first"
     # chunks "ab", " ab", " abc": (a, b) occurs 3 times, then (' ', ab) twice
-    assert rlhf.train_bpe(["ab ab abc"], 260) == {(97, 98): 256, (32, 256): 257}
-    # pairs never cross chunk boundaries: no (b, !) or (!, a) here
-    assert rlhf.train_bpe(["ab!ab!"], 300) == {(97, 98): 256}
-    # a tie (each pair once) goes to the smallest pair: (' ', c) = (32, 99)
-    assert rlhf.train_bpe(["ab cd"], 259) == {(32, 99): 256}
-    assert rlhf.train_bpe(["a!b"], 300) == {}  # chunks "a", "!", "b": no pair to merge, stop early
-    assert list(rlhf.train_bpe(["hello hello world"], 262).values()) == [256, 257, 258, 259]
+    assert rlhf.train_bpe(["ab ab abc"], 260) == {(97, 98): 256, (32, 256): 257}, \
+        f"{ex} after merging (a, b) into 256, count the pairs again on the merged chunks"
+    assert rlhf.train_bpe(["ab!ab!"], 300) == {(97, 98): 256}, \
+        f"{ex} pairs must never cross a chunk boundary of GPT2_SPLIT: no (b, !) or (!, a) here"
+    assert rlhf.train_bpe(["ab cd"], 259) == {(32, 99): 256}, \
+        f"{ex} a tie (each pair once) goes to the smallest pair, here (' ', c) = (32, 99)"
+    assert rlhf.train_bpe(["a!b"], 300) == {}, f"{ex} no chunk has two tokens: stop early, learn nothing"
+    assert list(rlhf.train_bpe(["hello hello world"], 262).values()) == [256, 257, 258, 259], \
+        f"{ex} vocab_size 262 leaves room for 262 - 258 = 4 merges, numbered 256, 257, ..."
+    # the chunk " xy" occurs twice: (x, y) is counted 3 times, (a, b) twice, though each is in two distinct chunks
+    assert rlhf.train_bpe(["xy xy xy ab cab"], 259) == {(120, 121): 256}, \
+        f"{ex} a pair counts once per occurrence of its chunk (weight each distinct chunk by its count)"
+
+
+# Merges written out by hand (not learned), so that the encoding tests need no exercise 1.
+HAND_MERGES = [("h", "e"), (" ", "t"), (" t", "he"), ("i", "n"), ("o", "u"), ("in", "g"), (" ", "w"), ("e", "r"),
+               (" ", "a"), ("o", "r"), ("a", "n"), ("H", "u"), ("Hu", "m"), ("Hum", "an"), (" ", "Y"), (" Y", "ou"),
+               (" You", "r"), ("e", "d"), (" ", "r"), (" r", "ed"), ("i", "s"), (" ", "b"), (" b", "i"), (" bi", "k"),
+               (" bik", "e"), (" ", "is"), ("A", "s"), ("As", "s"), ("Ass", "is"), ("Assis", "t")]
+
+
+def hand_merges():
+    ids, merges = {bytes([i]): i for i in range(256)}, {}
+    for a, b in HAND_MERGES:
+        new = len(ids)
+        merges[(ids[a.encode()], ids[b.encode()])] = new
+        ids[(a + b).encode()] = new
+    return merges
 
 
 def test_bpe_encode_chunk_applies_merges_by_rank():
+    ex = "exercise 2 (bpe_encode_chunk):"
     # (b, c) was learned before (a, b), so it is applied first, though (a, b) comes first in the text
-    assert rlhf.bpe_encode_chunk("abc", {(98, 99): 256, (97, 98): 257}) == [97, 256]
-    assert rlhf.bpe_encode_chunk("abc", {(97, 98): 256, (98, 99): 257}) == [256, 99]
-    assert rlhf.bpe_encode_chunk("aaaaa", {(97, 97): 256, (256, 256): 257}) == [257, 97]
-    assert rlhf.bpe_encode_chunk("é", {}) == [0xC3, 0xA9]  # bytes of the UTF-8 encoding
+    assert rlhf.bpe_encode_chunk("abc", {(98, 99): 256, (97, 98): 257}) == [97, 256], \
+        f"{ex} apply the merge learned earliest (smallest rank) first, not the leftmost pair"
+    assert rlhf.bpe_encode_chunk("abc", {(97, 98): 256, (98, 99): 257}) == [256, 99], \
+        f"{ex} once (a, b) is merged, (b, c) is no longer a pair: 'abc' -> [256, 99]"
+    assert rlhf.bpe_encode_chunk("aaaaa", {(97, 97): 256, (256, 256): 257}) == [257, 97], \
+        f"{ex} keep merging until no adjacent pair is a merge: 'aaaaa' -> [257, 97]"
+    assert rlhf.bpe_encode_chunk("é", {}) == [0xC3, 0xA9], f"{ex} start from the UTF-8 bytes of the chunk"
+    assert rlhf.bpe_encode_chunk(" the", hand_merges()) == [258], f"{ex} ' the' is one token of the hand-made merges"
 
 
 HARD_STRINGS = ["Hello   world  ", "你好，世界！🙂🎉", "a\n\n\n b\t\tc  \n", "What's 2 plus 3?<|endoftext|>x",
                 "I'll've don't 1234567 ½ ² ", "", " Your bike is red.", "ÅÄÖ naïve café — “quotes”"]
 
 
-@pytest.fixture(scope="module")
-def trained_bpe():
-    data = rlhf.make_dataset(rlhf.Config(n_sft=300, n_pref=10))
-    return rlhf.train_bpe([r["prompt"] + r["response"] for r in data["sft_train"]], 400)
-
-
 @pytest.mark.parametrize("text", HARD_STRINGS)
-def test_bpe_encode_round_trip(text, trained_bpe):
-    vocab = rlhf.bpe_vocab(trained_bpe)
-    special = {rlhf.EOT: 398, rlhf.PAD: 399}
+def test_bpe_encode_round_trip(text):
+    merges = hand_merges()
+    vocab = rlhf.bpe_vocab(merges)
+    special = {rlhf.EOT: len(vocab), rlhf.PAD: len(vocab) + 1}
     vocab.update({i: s.encode() for s, i in special.items()})
-    ids = rlhf.bpe_encode(text, trained_bpe, special)
-    assert b"".join(vocab[i] for i in ids).decode("utf-8") == text
+    ids = rlhf.bpe_encode(text, merges, special)
+    assert b"".join(vocab[i] for i in ids).decode("utf-8") == text, \
+        f"exercise 2 (bpe_encode_chunk): decoding the ids must give back the text {text!r}"
 
 
-def test_bpe_encode_equals_hugging_face_on_our_saved_files(trained_bpe, tmp_path):
-    rlhf.save_tokenizer(trained_bpe, str(tmp_path), 64)
+def test_bpe_encode_equals_hugging_face_on_our_saved_files(tmp_path):
+    merges = hand_merges()
+    rlhf.save_tokenizer(merges, str(tmp_path), 64)
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     special = {rlhf.EOT: hf.eos_token_id, rlhf.PAD: hf.pad_token_id}
-    assert hf.pad_token_id != hf.eos_token_id and len(hf) == 400
+    assert hf.pad_token_id != hf.eos_token_id and len(hf) == 256 + len(merges) + 2
     for text in HARD_STRINGS + ["\n\nHuman: I have a red bike. What colour is my bike?\n\nAssistant: Your bike is red."]:
-        ours = rlhf.bpe_encode(text, trained_bpe, special)
-        assert hf(text, add_special_tokens=False)["input_ids"] == ours, text
+        ours = rlhf.bpe_encode(text, merges, special)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours, \
+            f"exercise 2 (bpe_encode_chunk): Hugging Face's GPT-2 tokenizer encodes {text!r} differently"
         assert hf.decode(ours) == text
-    # merges were learned: common words are single tokens
-    assert len(rlhf.bpe_encode("Human", trained_bpe, special)) == 1
+    assert rlhf.bpe_encode(" the bike", merges, special) == [258, 280]
+
+
+def test_a_trained_tokenizer_makes_the_task_words_single_tokens():
+    data = rlhf.make_dataset(rlhf.Config(n_sft=300, n_pref=10, n_judge=1))
+    merges = rlhf.train_bpe([r["prompt"] + r["response"] for r in data["sft_train"]], 1024)
+    special = {rlhf.EOT: 2000, rlhf.PAD: 2001}
+    for word in ("Human", " bike", " know"):
+        assert len(rlhf.bpe_encode(word, merges, special)) == 1, word
+
+
+def test_tokenize_cuts_old_turns_first_caps_responses_and_adds_the_start_token(tmp_path):
+    rlhf.save_tokenizer({}, str(tmp_path), 40)  # bytes only: one token per byte; 40 positions
+    tok = rlhf.load_tokenizer(str(tmp_path))
+    cfg = rlhf.Config(max_new_tokens=8)  # prompt budget 40 - 8 = 32 tokens
+    last = "\n\nHuman: Why?\n\nAssistant:"  # 26 bytes
+    long_prompt = "\n\nHuman: " + "a" * 30 + "\n\nAssistant: ok" + last
+    rows = [dict(prompt=long_prompt, response=" yes"), dict(prompt="b" * 50 + "?", response=" " + "y" * 20)]
+    out, cuts = rlhf.tokenize(tok, rows, cfg)
+    assert tok.decode(out[0]["prompt"]) == last  # the old turn went, the last one stayed whole
+    assert out[0]["response"] == rlhf.encode(tok, [" yes"])[0] + [tok.eos_token_id]
+    assert tok.decode(out[1]["prompt"]) == "b" * 31 + "?"  # no turn to drop: tokens from the left
+    assert len(out[1]["response"]) == 8 and tok.eos_token_id not in out[1]["response"]  # cut: it did not end
+    assert cuts == {"prompts cut to their last turns": 1, "prompts cut from the left inside a turn": 1,
+                    "response cut at --max_new_tokens": 1}
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, add_bos_token=True)))
+    tok = rlhf.load_tokenizer(str(tmp_path))  # a tokenizer that starts every text with a token, as Llama's does
+    out, _ = rlhf.tokenize(tok, rows[:1], cfg)
+    assert out[0]["prompt"][0] == tok.bos_token_id and len(out[0]["prompt"]) <= 32
 
 
 # ---------------------------------------------------------------------------- models
 
 def test_position_ids_skip_left_padding():
-    assert rlhf.position_ids(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
+    got = rlhf.position_ids(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist()
+    assert got == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]], \
+        f"exercise 3 (position_ids): the first real token is position 0, padding stays at 0 (got {got})"
 
 
 def test_position_ids_make_log_probs_independent_of_left_padding(tmp_path):
@@ -240,18 +457,19 @@ def test_position_ids_make_log_probs_independent_of_left_padding(tmp_path):
         with torch.no_grad():
             logits = rlhf.response_logits(model, ids, mask, n_pad + len(q), temperature=0.7)
         outs.append(rlhf.logprobs_of(logits, torch.tensor([r])))
-    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5), \
+        "exercise 3 (position_ids): with left padding, the log-probs must not change"
 
 
 def test_generate_samples_from_the_distribution_ppo_scores(tmp_path):
     """The log-probs PPO recomputes equal the ones generate() sampled from: same temperature,
-    no top-k, same positions under left padding, tokens after <|endoftext|> masked."""
+    no top-k, same positions under left padding."""
     tok = tiny_tokenizer(tmp_path)
     model = tiny_lm(tok)
     cfg = rlhf.Config(temperature=0.7, max_new_tokens=6)
-    prompts = ["Human: hi Assistant:", "hello Assistant: hello world hello"]
+    prompts = rlhf.encode(tok, ["Human: hi Assistant:", "hello Assistant: hello world hello"])
     torch.manual_seed(0)
-    q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(model, tok, prompts, cfg, torch.device("cpu"))
+    q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(model, tok, prompts, cfg, CPU)
     torch.manual_seed(0)
     out = model.generate(input_ids=q_ids, attention_mask=q_mask, output_scores=True, return_dict_in_generate=True,
                          **rlhf.sampling_kwargs(cfg, tok))
@@ -264,44 +482,100 @@ def test_generate_samples_from_the_distribution_ppo_scores(tmp_path):
     assert torch.allclose(ours[real], sampled[real], atol=1e-4)
 
 
-# ---------------------------------------------------------------------------- stage 1: SFT
+def test_generate_masks_everything_after_the_first_end_token(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    E, pad = tok.eos_token_id, tok.pad_token_id
+    responses = torch.tensor([[5, E, 7, E, 9], [5, 6, 7, 8, 9], [E, 5, 5, 5, 5]])
 
-def test_sft_loss_counts_response_tokens_only(tmp_path):
+    class Fixed:  # a "policy" whose generate() returns fixed responses: the end token mid-response
+        def generate(self, input_ids, attention_mask, **kwargs):
+            return torch.cat([input_ids, responses], 1)
+
+    q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(Fixed(), tok, [[1, 2], [3], [4, 5]], rlhf.Config(), CPU)
+    assert q_ids.tolist() == [[1, 2], [pad, 3], [4, 5]] and q_mask.tolist() == [[1, 1], [0, 1], [1, 1]]
+    assert r_mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert r_ids.tolist() == [[5, E, pad, pad, pad], [5, 6, 7, 8, 9], [E, pad, pad, pad, pad]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_policy_forward_gives_each_response_token_the_value_of_the_state_before_it(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     model = tiny_lm(tok)
+    head = torch.nn.Linear(32, 1)
+    q, r = rlhf.encode(tok, ["Human: hi Assistant:"])[0], rlhf.encode(tok, [" yes"])[0]
+    ids, mask, P = torch.tensor([q + r]), torch.ones(1, len(q) + len(r), dtype=torch.long), len(q)
+    with torch.no_grad():
+        logits, values = rlhf.policy_forward(model, head, ids, mask, P, 0.7)
+        assert torch.allclose(logits, rlhf.response_logits(model, ids, mask, P, 0.7), atol=1e-5)
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % 200  # another last response token
+        logits2, values2 = rlhf.policy_forward(model, head, changed, mask, P, 0.7)
+    assert values.shape == (1, len(r)) and logits.shape[:2] == (1, len(r))
+    # V(s_t) and the logits that predict y_t are computed before y_t is seen: changing y_t changes neither
+    assert torch.allclose(values, values2, atol=1e-6) and torch.allclose(logits, logits2, atol=1e-6)
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(values[0], head(hidden[0, P - 1:-1]).squeeze(-1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- stage 1: SFT
+
+def position_ids_first(n):
+    """Exercise n builds on exercise 3: say so, rather than fail somewhere inside the model."""
+    got = rlhf.position_ids(torch.tensor([[0, 1, 1]])).tolist()
+    assert got == [[0, 0, 1]], f"exercise {n} needs exercise 3 first: position_ids([[0, 1, 1]]) gives {got}, not [[0, 0, 1]]"
+
+
+def test_sft_loss_counts_response_tokens_only(tmp_path):
+    ex = "exercise 4 (sft_loss):"
+    position_ids_first(4)
+    tok = tiny_tokenizer(tmp_path)
+    model = tiny_lm(tok)
+    cfg = rlhf.Config()
     rows = [dict(prompt="Human: hi Assistant:", response=" hello"), dict(prompt="hello", response=" hello world")]
-    ids, mask, loss_mask = rlhf.sft_batch(tok, rows, "cpu")
+    examples, _ = rlhf.tokenize(tok, rows, cfg)
+    ids, mask, loss_mask = rlhf.sft_batch(examples, tok, CPU)
     q = rlhf.encode(tok, [rows[0]["prompt"]])[0]
     n_resp = len(rlhf.encode(tok, [rows[0]["response"]])[0]) + 1  # + <|endoftext|>
     assert loss_mask[0].tolist() == [0] * len(q) + [1] * n_resp + [0] * (ids.shape[1] - len(q) - n_resp)
-    # the loss equals cross-entropy over labels with prompt and padding ignored
+    # the loss equals Hugging Face's cross-entropy over labels with prompt and padding set to -100
     labels = ids.masked_fill(loss_mask == 0, -100)
     with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        assert rlhf.sft_loss(model, ids, mask, loss_mask).item() == pytest.approx(expected.item(), rel=1e-5)
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        got = rlhf.sft_loss(model, ids, mask, loss_mask).item()
+        all_tokens = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.item()
+    assert got != pytest.approx(all_tokens, rel=1e-4), f"{ex} prompt tokens must carry no loss: use loss_mask"
+    assert got == pytest.approx(expected, rel=1e-4), \
+        f"{ex} expected {expected:.4f}, the mean of -log π(x_t | x_<t) over response tokens (got {got:.4f}); " \
+        f"the logits at t score token t + 1, and the mean is over the response tokens, not a sum"
 
 
 # ---------------------------------------------------------------------------- stage 2: reward model
 
 def test_bradley_terry_loss_value_and_stability():
-    assert rlhf.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+    ex = "exercise 5 (bradley_terry_loss):"
+    assert rlhf.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2)), \
+        f"{ex} equal rewards: P = σ(0) = 1/2, loss log 2"
     assert rlhf.bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(
-        -math.log(1 / (1 + math.exp(-1))))
+        -math.log(1 / (1 + math.exp(-1)))), f"{ex} the loss is −log σ(r_chosen − r_rejected)"
+    two = rlhf.bradley_terry_loss(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])).item()
+    assert two == pytest.approx((math.log(2) - math.log(1 / (1 + math.exp(-1)))) / 2), \
+        f"{ex} average over the pairs of the batch (a mean, not a sum)"
     big = rlhf.bradley_terry_loss(torch.tensor([-1000.0]), torch.tensor([1000.0]))
-    assert torch.isfinite(big) and big.item() == pytest.approx(2000.0)  # log(sigmoid) would give inf
+    assert torch.isfinite(big) and big.item() == pytest.approx(2000.0), \
+        f"{ex} a margin of −2000 must give a finite loss of 2000: log(sigmoid(z)) underflows, F.logsigmoid does not"
     r = torch.tensor([-1000.0], requires_grad=True)
     rlhf.bradley_terry_loss(r, torch.tensor([1000.0])).backward()
-    assert r.grad.item() == pytest.approx(-1.0)
+    assert r.grad.item() == pytest.approx(-1.0), f"{ex} the gradient at a margin of −2000 is −1"
 
 
 def test_reward_model_learns_a_toy_preference(tmp_path):
     tok = tiny_tokenizer(tmp_path)
-    tiny_lm(tok).save_pretrained(tmp_path / "lm")
-    rm = rlhf.load_scalar_model(str(tmp_path / "lm"), "cpu").train()
+    rm = tiny_scalar_model(tok, tmp_path / "lm")
     rows = [dict(prompt="Human: hi Assistant:", chosen=" good", rejected=" bad")] * 8
+    examples, _ = rlhf.tokenize(tok, rows, rlhf.Config(), keys=("chosen", "rejected"))
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     for _ in range(30):
-        r = rlhf.reward_at_last_token(rm, *rlhf.pair_batch(tok, rows, "cpu"))
+        r = rlhf.reward_at_last_token(rm, *rlhf.pair_batch(examples, tok, CPU))
         loss = rlhf.bradley_terry_loss(r[:8], r[8:])
         opt.zero_grad()
         loss.backward()
@@ -310,31 +584,72 @@ def test_reward_model_learns_a_toy_preference(tmp_path):
 
 
 def test_reward_at_last_token_whatever_the_padding(tmp_path):
+    ex = "exercise 6 (reward_at_last_token):"
+    position_ids_first(6)
     tok = tiny_tokenizer(tmp_path)
-    tiny_lm(tok).save_pretrained(tmp_path / "lm")
-    rm = rlhf.load_scalar_model(str(tmp_path / "lm"), "cpu").eval()
+    rm = tiny_scalar_model(tok, tmp_path / "lm")
     seq, pad = rlhf.encode(tok, ["Human: hi Assistant: hello"])[0], tok.pad_token_id
-    ids = torch.tensor([seq + [pad] * 2, [pad] * 2 + seq, [pad] + seq + [pad]])
+    ids = torch.tensor([seq + [pad] * 2, [pad] * 2 + seq, [pad] + seq + [pad], [pad] * 2 + seq[:-1] + [pad]])
     mask = (ids != pad).long()
+    last = [len(seq) - 1, len(seq) + 1, len(seq), len(seq)]  # the last 1 of each row of mask
     with torch.no_grad():
         r = rlhf.reward_at_last_token(rm, ids, mask)
-        alone = rlhf.reward_at_last_token(rm, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
-    assert torch.allclose(r, alone.expand(3), atol=1e-5)
+        values = rlhf.token_values(rm, ids, mask)
+    for i, (row, at) in enumerate(zip(mask.tolist(), last)):
+        assert r[i].item() == pytest.approx(values[i, at].item(), abs=1e-5), \
+            f"{ex} row {i} (mask {row}): read the value at its last real token, index {at}"
+
+
+@torch.no_grad()
+def test_rm_scores_normalise_and_give_unended_responses_the_constant(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    rm = tiny_scalar_model(tok, tmp_path / "lm")
+    rm.config.reward_mean, rm.config.reward_std = 0.3, 2.0
+    ids = torch.tensor([rlhf.encode(tok, ["Human: hi Assistant: yes"])[0]] * 3)
+    ids[1, -1] = ids[2, -1] = 70
+    mask = torch.ones_like(ids)
+    raw = rlhf.reward_at_last_token(rm, ids, mask)
+    cfg = rlhf.Config(missing_eos_score=-3.0)
+    got = rlhf.rm_scores(rm, ids, mask, torch.tensor([True, True, False]), cfg)
+    assert torch.allclose(got[:2], (raw[:2] - 0.3) / 2.0, atol=1e-5)  # (raw − mean) / std for responses that ended
+    assert got[2].item() == -3.0  # the constant, whatever the reward model reads, for one that never ended
+
+
+def test_rm_accuracy_counts_agreement_with_labels_and_with_gold(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    rm = tiny_scalar_model(tok, tmp_path / "lm")
+    pairs = [dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=1.0, gold_rejected=-1.0, family="helpful"),
+             dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=-1.0, gold_rejected=1.0, family="honest"),
+             dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=0.0, gold_rejected=0.0, family="honest")]
+    examples, _ = rlhf.tokenize(tok, pairs, rlhf.Config(), keys=("chosen", "rejected"))
+    with torch.no_grad():
+        r = rlhf.reward_at_last_token(rm, *rlhf.pair_batch(examples[:1], tok, CPU))
+    says_chosen = r[0].item() > r[1].item()  # the same texts in every pair: one answer for all three
+    acc = rlhf.rm_accuracy(rm, tok, pairs, examples, CPU)
+    assert acc["acc_label"] == (1.0 if says_chosen else 0.0)
+    assert acc["acc_gold"] == 0.5 and acc["acc_gold_helpful"] == float(says_chosen)  # the tie is left out
+    assert acc["acc_gold_honest"] == float(not says_chosen)
 
 
 # ---------------------------------------------------------------------------- stage 3: PPO
 
 def test_kl_shaped_rewards_put_the_score_on_the_last_real_token_only():
+    ex = "exercise 7 (kl_shaped_rewards):"
     score = torch.tensor([1.0, 2.0])
     logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-0.5, -3.0, -9.0]])
     ref = torch.tensor([[-2.0, -1.0, -1.0], [-0.5, -1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     rewards, kl = rlhf.kl_shaped_rewards(score, logprobs, ref, mask, kl_coef=0.1)
-    assert torch.allclose(rewards, torch.tensor([[-0.1, 0.0, 1.0], [0.0, 0.2 + 2.0, 0.0]]))
-    assert kl[1, 2] == 0  # padding untouched
+    assert torch.allclose(kl, torch.tensor([[1.0, 0.0, 0.0], [0.0, -2.0, 0.0]])), \
+        f"{ex} kl = (logprobs − ref_logprobs) × mask: 0 on padding (got {kl.tolist()})"
+    want = torch.tensor([[-0.1, 0.0, 1.0], [0.0, 0.2 + 2.0, 0.0]])
+    assert torch.allclose(rewards, want), \
+        f"{ex} expected {want.tolist()}: −β·kl on every token, the score added at the last REAL token only " \
+        f"(row 2 ends at index 1) (got {rewards.tolist()})"
 
 
 def test_compute_gae_equals_the_direct_sum_on_a_padded_batch():
+    ex = "exercise 8 (compute_gae):"
     torch.manual_seed(0)
     B, T, gamma, lam = 4, 7, 0.9, 0.8
     rewards, values = torch.randn(B, T), torch.randn(B, T)
@@ -347,75 +662,241 @@ def test_compute_gae_equals_the_direct_sum_on_a_padded_batch():
         for t in range(n):
             # A_t = Σ_l (γλ)^l δ_{t+l}
             direct = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t))
-            assert adv[b, t].item() == pytest.approx(direct, abs=1e-5)
-            assert ret[b, t].item() == pytest.approx(direct + values[b, t].item(), abs=1e-5)
-        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+            assert adv[b, t].item() == pytest.approx(direct, abs=1e-5), \
+                f"{ex} row {b} (length {n}), t = {t}: A_t should be Σ_l (γλ)^l δ_(t+l) = {direct:.4f}, with " \
+                f"V = 0 after the last real token (got {adv[b, t].item():.4f})"
+            assert ret[b, t].item() == pytest.approx(direct + values[b, t].item(), abs=1e-5), \
+                f"{ex} the returns are advantages + values"
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all(), f"{ex} both are 0 on padding"
     # the STYLE example: γ = λ = 1, r = [0, 1], V = 0 -> A = [1, 1]
     a, _ = rlhf.compute_gae(torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.ones(1, 2), 1.0, 1.0)
-    assert a.tolist() == [[1.0, 1.0]]
+    assert a.tolist() == [[1.0, 1.0]], f"{ex} γ = λ = 1, r = [0, 1], V = 0 gives A = [1, 1]"
 
 
 def test_ppo_policy_loss_is_minus_mean_advantage_at_ratio_one_and_clipped_samples_get_no_gradient():
+    ex = "exercise 10 (ppo_policy_loss):"
     adv = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     old = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
     loss, clipfrac = rlhf.ppo_policy_loss(old.clone(), old, adv, mask, 0.2)
-    assert loss.item() == pytest.approx(-(1.0 - 2.0 + 3.0) / 3) and clipfrac.item() == 0
+    assert loss.item() == pytest.approx(-(1.0 - 2.0 + 3.0) / 3) and clipfrac.item() == 0, \
+        f"{ex} at ratio 1 the loss is −mean(A) over real tokens and nothing is clipped"
     # ratio 1.5 with A > 0 is clipped at 1.2: no gradient; ratio 0.5 with A < 0 is clipped at 0.8: none either
-    new = (old + torch.log(torch.tensor([[1.5, 0.5, 1.1, 1.0]]))).requires_grad_()
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 1.0]])
+    new = (old + torch.log(ratio)).requires_grad_()
     loss, clipfrac = rlhf.ppo_policy_loss(new, old, adv, mask, 0.2)
+    want = (-1.0 * 1.2 + 2.0 * 0.8 - 3.0 * 1.1) / 3  # max(−A·ρ, −A·clip(ρ)) per token, then the masked mean
+    assert loss.item() == pytest.approx(want, abs=1e-5), \
+        f"{ex} ratios {ratio.tolist()}: expected {want:.4f}, the larger of −A·ρ and −A·clip(ρ, 1−ε, 1+ε) (got {loss.item():.4f})"
     loss.backward()
-    assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0 and new.grad[0, 2] != 0 and new.grad[0, 3] == 0
-    assert clipfrac.item() == pytest.approx(2 / 3)
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0 and new.grad[0, 2] != 0 and new.grad[0, 3] == 0, \
+        f"{ex} tokens clipped in the direction their advantage wants get no gradient, padding none either"
+    assert clipfrac.item() == pytest.approx(2 / 3), f"{ex} clipfrac is the share of real tokens where the clip is active"
 
 
 def test_ppo_value_loss_takes_the_worse_of_clipped_and_unclipped():
+    ex = "exercise 11 (ppo_value_loss):"
     old, ret, mask = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
     # V = 0.1 (inside the clip): (0.1 - 1)^2;  V = 3 (outside): max((3-1)^2, (0.2-1)^2) = 4
     loss = rlhf.ppo_value_loss(torch.tensor([[0.1, 3.0]]), old, ret, mask, 0.2)
-    assert loss.item() == pytest.approx(0.5 * ((0.9 ** 2) + 4.0) / 2)
+    assert loss.item() == pytest.approx(0.5 * ((0.9 ** 2) + 4.0) / 2), \
+        f"{ex} ½ × mean of max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)"
     # V = -1 clipped to -0.2: max(4, 1.44) = 4 ; V = 1.5 clipped to 0.2: max(0.25, 0.64) = 0.64
     loss = rlhf.ppo_value_loss(torch.tensor([[-1.0, 1.5]]), old, ret, mask, 0.2)
-    assert loss.item() == pytest.approx(0.5 * (4.0 + 0.64) / 2)
+    assert loss.item() == pytest.approx(0.5 * (4.0 + 0.64) / 2), \
+        f"{ex} clip the change V − V_old around the old value (not around the return), then take the larger error"
+    loss = rlhf.ppo_value_loss(torch.tensor([[0.5, 9.0]]), old, ret, torch.tensor([[1.0, 0.0]]), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 0.64), f"{ex} padding carries no loss"
 
 
 def test_update_kl_coef_follows_the_adaptive_rule():
-    cfg = rlhf.Config(kl_target=3.0, kl_horizon=100)
-    assert rlhf.update_kl_coef(0.1, 6.0, cfg, 100) == pytest.approx(0.12)   # error clipped at +0.2
-    assert rlhf.update_kl_coef(0.1, 3.3, cfg, 50) == pytest.approx(0.1 * (1 + 0.1 * 0.5))
-    assert rlhf.update_kl_coef(0.1, 0.0, cfg, 100) == pytest.approx(0.08)   # error clipped at -0.2
-    assert rlhf.update_kl_coef(0.1, 30.0, rlhf.Config(adaptive_kl=False), 100) == 0.1
+    ex = "exercise 12 (update_kl_coef):"
+    cfg = rlhf.Config(kl_target=3.0, kl_horizon=100, adaptive_kl=True)
+    assert rlhf.update_kl_coef(0.1, 6.0, cfg, 100) == pytest.approx(0.12), f"{ex} the error is clipped at +0.2"
+    assert rlhf.update_kl_coef(0.1, 3.3, cfg, 50) == pytest.approx(0.1 * (1 + 0.1 * 0.5)), \
+        f"{ex} β ← β·(1 + e·n/horizon) with e = KL/target − 1"
+    assert rlhf.update_kl_coef(0.1, 0.0, cfg, 100) == pytest.approx(0.08), f"{ex} the error is clipped at −0.2"
+    assert rlhf.update_kl_coef(0.1, 30.0, rlhf.Config(adaptive_kl=False), 100) == 0.1, \
+        f"{ex} with cfg.adaptive_kl off, β stays as it is"
+
+
+def test_make_experience_scores_whitens_and_shapes_the_rollout(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    policy, ref = tiny_lm(tok, seed=0), tiny_lm(tok, seed=1)
+    head = torch.nn.Linear(32, 1)
+    cfg = rlhf.Config(max_new_tokens=6, gamma=0.9, lam=0.8)
+    prompts = rlhf.encode(tok, ["Human: hi Assistant:", "hey", "Human: why? Assistant:", "a"])
+    score_fn = lambda ids, mask, ended: torch.arange(4.0)  # noqa: E731
+    torch.manual_seed(0)
+    exp = rlhf.make_experience(policy, head, ref, tok, prompts, score_fn, 0.05, cfg, CPU)
+    m, P = exp["r_mask"], exp["n_prompt"]
+    with torch.no_grad():
+        lp = rlhf.logprobs_of(rlhf.response_logits(policy, exp["ids"], exp["mask"], P, 1.0), exp["r_ids"])
+        ref_lp = rlhf.logprobs_of(rlhf.response_logits(ref, exp["ids"], exp["mask"], P, 1.0), exp["r_ids"])
+        _, values = rlhf.policy_forward(policy, head, exp["ids"], exp["mask"], P, 1.0)
+    assert torch.allclose(exp["old_logprobs"] * m, lp * m, atol=1e-5)  # π_old: the policy that sampled
+    assert torch.allclose(exp["kl"], (lp - ref_lp) * m, atol=1e-5)
+    assert torch.allclose(exp["old_values"], values * m, atol=1e-5) and exp["score"].tolist() == [0, 1, 2, 3]
+    rewards, _ = rlhf.kl_shaped_rewards(exp["score"], exp["old_logprobs"], ref_lp, m, 0.05)
+    advantages, returns = rlhf.compute_gae(rewards, values * m, m, 0.9, 0.8)
+    assert torch.allclose(exp["returns"], returns, atol=1e-4)
+    assert torch.allclose(exp["advantages"], rlhf.masked_whiten(advantages, m), atol=1e-4)  # whitened
+    assert rlhf.masked_mean(exp["advantages"], m).abs().item() < 1e-5
+
+
+def test_ppo_update_raises_the_log_prob_of_good_tokens_and_fits_the_value_head(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    policy = tiny_lm(tok)
+    head = torch.nn.Linear(32, 1)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    cfg = rlhf.Config(ppo_epochs=1, minibatch_size=2, clip_range=0.2, vf_coef=1.0, ppo_lr=1e-2)
+    q, r = rlhf.encode(tok, ["Human: hi Assistant:"])[0], rlhf.encode(tok, [" good", " bad!"])
+    ids, mask = rlhf.pad_right([q + r[0], q + r[1]], tok.pad_token_id)
+    r_ids, r_mask = rlhf.pad_right(r, tok.pad_token_id)
+    with torch.no_grad():
+        logits, values = rlhf.policy_forward(policy, head, ids, mask, len(q), 1.0)
+        old = rlhf.logprobs_of(logits, r_ids)
+    adv = torch.tensor([[1.0] * 5, [-1.0] * 5]) * r_mask
+    exp = dict(ids=ids, mask=mask, n_prompt=len(q), r_ids=r_ids, r_mask=r_mask.float(), old_logprobs=old,
+               old_values=values * r_mask, advantages=adv, returns=torch.full_like(adv, 0.15) * r_mask)
+    opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
+    stats = rlhf.ppo_update(policy, head, opt, exp, cfg)
+    assert set(stats) == {"pg_loss", "vf_loss", "clipfrac", "approx_kl"}
+    assert stats["pg_loss"] == pytest.approx(0.0, abs=1e-6)  # at ratio 1: −mean(A), here A sums to 0
+    with torch.no_grad():
+        logits, values = rlhf.policy_forward(policy, head, ids, mask, len(q), 1.0)
+        new = rlhf.logprobs_of(logits, r_ids)
+    gain = ((new - old) * r_mask).sum(1)
+    assert gain[0] > 0 > gain[1]  # the good response (A > 0) became likelier, the bad one less likely
+    assert ((values - 0.15).abs() * r_mask).sum() < (0.15 * r_mask).sum()  # the values moved toward the returns
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def test_win_rate_counts_ties_half_and_pairs_like_with_like():
+    a = [dict(prompt="p", gold=1.0), dict(prompt="p", gold=0.0), dict(prompt="q", gold=-1.0), dict(prompt="q", gold=0.5)]
+    b = [dict(prompt="p", gold=0.0), dict(prompt="p", gold=0.0), dict(prompt="q", gold=0.0), dict(prompt="q", gold=0.5)]
+    w = rlhf.win_rate(a, b, "gold", 0)
+    assert w["rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4) and w["ci"][0] <= w["rate"] <= w["ci"][1]
+    assert rlhf.win_rate(b, a, "gold", 0)["rate"] == pytest.approx(1 - w["rate"])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    rlhf.main(["--stage", "all", "--out_dir", str(out)] + SMOKE)
+    return out
+
+
+def test_the_evaluation_of_a_policy_against_itself_is_an_exact_tie(smoke_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    shutil.rmtree(out / "ppo")
+    shutil.copytree(out / "sft", out / "ppo")  # "PPO" = SFT: the same model, the same random numbers
+    figures = rlhf.stage_eval(rlhf.Config(**vars(rlhf.build_parser().parse_args(SMOKE + ["--out_dir", str(out)]))), CPU)
+    assert figures["win_rate_gold"]["rate"] == 0.5 and figures["win_rate_judge"]["rate"] == 0.5
+    assert figures["ppo"]["kl"] == pytest.approx(0, abs=1e-5) and figures["ppo"] == figures["sft"]
+
+
+def test_the_evaluation_compares_ppo_with_sft(smoke_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    cfg = rlhf.Config(**vars(rlhf.build_parser().parse_args(SMOKE + ["--out_dir", str(out), "--eval_samples", "2"])))
+    tok = rlhf.load_tokenizer(str(out / "tokenizer"))
+    mute = rlhf.load_lm(str(out / "sft"), CPU)  # a "PPO" policy that says <|endoftext|> at once, every time:
+    with torch.no_grad():  # its last hidden state is the constant 10·e_0, and only <|endoftext|> points along e_0
+        mute.transformer.ln_f.weight.zero_(), mute.transformer.ln_f.bias.zero_()
+        mute.transformer.ln_f.bias[0] = 10.0
+        mute.get_output_embeddings().weight[tok.eos_token_id] = torch.nn.functional.one_hot(torch.tensor(0), 32) * 10.0
+    shutil.rmtree(out / "ppo")
+    mute.save_pretrained(out / "ppo")
+    figures = rlhf.stage_eval(cfg, CPU)
+    assert figures["ppo"]["ended"] == 1.0 and figures["ppo"]["length"] == 1.0
+    assert figures["sft"]["ended"] < 0.5  # the 8-step smoke SFT model rarely ends: the human prefers an empty answer
+    assert figures["win_rate_gold"]["rate"] > 0.75 and figures["win_rate_judge"]["rate"] != 0.5
+    assert figures["ppo"]["kl"] > 1.0 and figures["sft"]["kl"] == pytest.approx(0, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------- end to end
 
-def test_all_stages_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    rlhf.main(["--stage", "all", "--out_dir", str(out)] + SMOKE)
+def test_all_stages_end_to_end(smoke_run):
+    out = smoke_run
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     for name in ("sft", "ppo"):
         assert AutoModelForCausalLM.from_pretrained(out / name).config.n_embd == 32
-    rm = AutoModelForSequenceClassification.from_pretrained(out / "rm")
-    assert rm.config.num_labels == 1 and hasattr(rm.config, "reward_mean")
+    for name in ("rm", "judge"):
+        rm = AutoModelForSequenceClassification.from_pretrained(out / name)
+        assert rm.config.num_labels == 1 and hasattr(rm.config, "reward_mean")
     assert AutoTokenizer.from_pretrained(out / "tokenizer").pad_token == rlhf.PAD
-    for f in ("sft_loss.png", "rm_curve.png", "ppo_reward.png", "ppo_kl.png", "overview.png", "eval.md",
-              "samples.md", "sft_metrics.jsonl", "rm_metrics.jsonl", "ppo_metrics.jsonl"):
+    for f in ("sft_loss.png", "rm_curve.png", "judge_curve.png", "ppo_reward.png", "ppo_kl.png", "overview.png",
+              "eval.md", "samples.md", "sft_metrics.jsonl", "rm_metrics.jsonl", "ppo_metrics.jsonl"):
         assert (out / f).stat().st_size > 0, f
     summary = json.loads((out / "summary.json").read_text())
-    for stage in rlhf.STAGES:
-        assert stage in summary
+    assert list(summary) == list(rlhf.STAGES)
     assert {"acc_gold", "acc_gold_helpful", "acc_label"} <= set(summary["rm"]["heldout"])
-    assert 0 <= summary["eval"]["win_rate_ppo_over_sft"] <= 1
-    assert summary["eval"]["sft"]["kl"] == pytest.approx(0, abs=1e-4)  # the reference is the SFT model
+    ev = summary["eval"]
+    for key in ("win_rate_gold", "win_rate_judge"):
+        assert ev[key]["ci"][0] <= ev[key]["rate"] <= ev[key]["ci"][1]
+    assert ev["n_samples"] == ev["n_prompts"] == 24 and "[95% interval" in (out / "eval.md").read_text()
     row = json.loads((out / "ppo_metrics.jsonl").read_text().splitlines()[-1])
     for key in ("rm_score", "gold", "kl", "kl_coef", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
-                "response_len"):
+                "response_len", "value_ev"):
         assert math.isfinite(row[key]), key
-    # a later stage alone reruns from the files of the earlier ones, and its entry keeps its own flags
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(HERE, "course.py")), reason="course.py is not in the student copy")
+def test_course_tables_and_plots_read_a_finished_run(smoke_run, tmp_path, capsys):
+    """The tutorial's figures come from these commands: each must read a real run's summary.json."""
+    import course
+    course.plot_sweep([str(smoke_run)], str(tmp_path / "sweep.png"))
+    course.plot_costs(str(smoke_run), str(tmp_path / "cost.png"))
+    rows = course.plot_seeds([str(smoke_run)], str(tmp_path / "seeds.png"))
+    s = json.load(open(smoke_run / "summary.json"))
+    assert rows[0]["win"] == s["eval"]["win_rate_gold"]["rate"] and rows[0]["rm"] == s["rm"]["heldout"]["acc_gold"]
+    assert f"{s['eval']['win_rate_gold']['rate']:.3f}" in capsys.readouterr().out
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("sweep.png", "cost.png", "seeds.png"))
+
+
+def test_ppo_keeps_beta_fixed_by_default_and_adapts_it_with_adaptive_kl(smoke_run, tmp_path):
+    rows = rlhf.read_jsonl(str(smoke_run / "ppo_metrics.jsonl"))
+    assert {r["kl_coef"] for r in rows} == {rlhf.Config().kl_coef}
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    rlhf.main(["--stage", "ppo", "--out_dir", str(out), "--adaptive_kl", "--kl_target", "100"] + SMOKE)
+    betas = [r["kl_coef"] for r in rlhf.read_jsonl(str(out / "ppo_metrics.jsonl"))]
+    assert betas[0] == rlhf.Config().kl_coef and all(b > a for b, a in zip(betas, betas[1:])), betas  # KL < target: β down
+
+
+def test_a_stage_rerun_removes_what_was_built_from_it_and_keeps_its_own_flags(smoke_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    rlhf.main(["--stage", "ppo", "--out_dir", str(out), "--kl_coef", "0", "--no-adaptive_kl"] + SMOKE)
+    assert "eval came from the previous ppo" in capsys.readouterr().out
+    assert not (out / "eval.md").exists() and not (out / "samples.md").exists()
+    assert "eval" not in json.loads((out / "summary.json").read_text())
     rlhf.main(["--stage", "eval", "--out_dir", str(out)] + SMOKE + ["--eval_samples", "2"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval"]["config"]["eval_samples"] == 2 and summary["ppo"]["config"]["eval_samples"] == 1
+    assert summary["eval"]["config"]["eval_samples"] == 2 and summary["ppo"]["config"]["kl_coef"] == 0
     assert summary["eval"]["n_samples"] == 2 * summary["eval"]["n_prompts"]
+    rlhf.main(["--stage", "sft", "--out_dir", str(out)] + SMOKE)
+    with pytest.raises(SystemExit) as e:  # the reward model was trained from the previous SFT model
+        rlhf.main(["--stage", "ppo", "--out_dir", str(out)] + SMOKE)
+    assert "rm is out of date" in str(e.value.code)
+
+
+def test_ctrl_c_names_the_stage_to_rerun_and_keeps_the_finished_ones(smoke_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    before = (out / "rm" / "model.safetensors").read_bytes()
+
+    def interrupted(cfg, device):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlhf, "stage_rm", interrupted)
+    with pytest.raises(SystemExit) as e:
+        rlhf.main(["--stage", "rm", "--out_dir", str(out)] + SMOKE)
+    assert "interrupted in stage rm" in str(e.value.code) and "--stage rm" in str(e.value.code)
+    assert "ppo, eval" in str(e.value.code) and (out / "rm" / "model.safetensors").read_bytes() == before
 
 
 def test_a_cpu_run_repeats_exactly_with_the_same_seed(tmp_path):
@@ -428,44 +909,114 @@ def test_a_cpu_run_repeats_exactly_with_the_same_seed(tmp_path):
     assert runs[0] == runs[1]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    out = str(tmp_path)
-    for stage in ("data", "tokenizer", "sft"):
-        rlhf.main(["--stage", stage, "--out_dir", out] + SMOKE)
-    before = open(os.path.join(out, "sft", "model.safetensors"), "rb").read()
-    with pytest.raises(SystemExit) as e:
-        rlhf.main(["--stage", "sft", "--out_dir", out, "--sft_lr", "1e30", "--warmup_frac", "0"] + SMOKE)
-    assert "loss became" in str(e.value.code) and "at step" in str(e.value.code)
-    assert open(os.path.join(out, "sft", "model.safetensors"), "rb").read() == before
-
-
-def test_pretrained_model_path_with_a_local_checkpoint(tmp_path):
-    """--model takes a Hugging Face folder (here a small GPT-2 saved by the test, with a
-    tokenizer that has no pad token, like gpt2's): a pad token is added and the
-    embeddings resized; every stage runs."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    ckpt = tmp_path / "my-gpt2"
-    merges = rlhf.train_bpe([r["prompt"] + r["response"] for r in rlhf.make_dataset(
-        rlhf.Config(n_sft=100, n_pref=1))["sft_train"]], 600)
-    rlhf.save_tokenizer(merges, str(ckpt), 256)
-    cfgfile = ckpt / "tokenizer_config.json"
-    config = json.loads(cfgfile.read_text())
-    del config["pad_token"]
-    cfgfile.write_text(json.dumps(config))
-    (ckpt / "vocab.json").write_text(json.dumps({k: v for k, v in json.loads(
-        (ckpt / "vocab.json").read_text()).items() if k != rlhf.PAD}, ensure_ascii=False))
-    n_vocab = len(merges) + 257  # bytes + merges + <|endoftext|>, no pad
-    GPT2LMHeadModel(GPT2Config(vocab_size=n_vocab, n_positions=256, n_embd=32, n_layer=1, n_head=2)).save_pretrained(ckpt)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
     out = tmp_path / "run"
-    rlhf.main(["--stage", "all", "--out_dir", str(out), "--model", str(ckpt)] + SMOKE)
-    from transformers import AutoModelForCausalLM
-    ppo = AutoModelForCausalLM.from_pretrained(out / "ppo")
-    assert ppo.config.vocab_size == n_vocab + 1 and ppo.config.pad_token_id == n_vocab
+    shutil.copytree(smoke_run, out)
+    before = (out / "sft" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        rlhf.main(["--stage", "sft", "--out_dir", str(out), "--sft_lr", "1e30", "--warmup_frac", "0"] + SMOKE)
+    assert "loss became" in str(e.value.code) and "at step" in str(e.value.code)
+    assert (out / "sft" / "model.safetensors").read_bytes() == before
+
+
+def checkpoint(folder, model_type, merges, bos=False):
+    """A small pretrained-style checkpoint of another family, built from a config (no download), with a
+    GPT-2-format tokenizer that has no pad token (like gpt2's) and, if bos, starts texts with a token."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    rlhf.save_tokenizer(merges, str(folder), 256)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, add_bos_token=bos)))
+    vocab = {k: v for k, v in json.loads((folder / "vocab.json").read_text()).items() if k != rlhf.PAD}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    sizes = dict(gpt2=dict(n_embd=32, n_layer=1, n_head=2, n_positions=256),
+                 llama=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, max_position_embeddings=256),
+                 gpt_neox=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               max_position_embeddings=256))[model_type]
+    eos = len(vocab) - 1
+    config = AutoConfig.for_model(model_type, vocab_size=len(vocab), bos_token_id=eos, eos_token_id=eos, **sizes)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def small_merges():
+    return rlhf.train_bpe([r["prompt"] + r["response"] for r in rlhf.make_dataset(
+        rlhf.Config(n_sft=100, n_pref=1, n_judge=1))["sft_train"]], 600)
+
+
+@pytest.mark.parametrize("model_type, bos", [("gpt2", False), ("llama", True), ("gpt_neox", False)])
+def test_any_causal_lm_from_a_local_folder(model_type, bos, tmp_path, small_merges):
+    """--model takes a Hugging Face folder of any causal LM family: a pad token is added and the embeddings
+    resized; every stage runs; the checkpoints reload with plain transformers as that family's classes."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    n_vocab = checkpoint(tmp_path / "model", model_type, small_merges, bos)
+    out = tmp_path / "run"
+    rlhf.main(["--stage", "all", "--out_dir", str(out), "--model", str(tmp_path / "model")] + SMOKE)
+    sft, ppo = (AutoModelForCausalLM.from_pretrained(out / name) for name in ("sft", "ppo"))
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "rm")
+    assert sft.config.model_type == ppo.config.model_type == rm.config.model_type == model_type
+    assert ppo.config.vocab_size >= n_vocab + 1 and ppo.config.pad_token_id == n_vocab  # the added <|pad|>
+    assert any(not torch.equal(a, b) for a, b in zip(sft.state_dict().values(), ppo.state_dict().values()))
+    tok = rlhf.load_tokenizer(str(out / "tokenizer"))
+    first = rlhf.tokenize(tok, [dict(prompt="\n\nHuman: hi\n\nAssistant:")], rlhf.Config(), keys=())[0][0]["prompt"]
+    assert (first[0] == tok.bos_token_id) == bos
+    assert json.loads((out / "summary.json").read_text())["eval"]["n_prompts"] == 24
+
+
+def test_your_own_data_end_to_end_is_judged_by_the_judge(tmp_path):
+    rows = []
+    for i in range(300):
+        turns = [("Hello", "Hi."), (f"Tell me a number near {i % 60}. Ça va? 🙂", None)][i % 2:]
+        rows.append({"chosen": hh(turns, f" {i % 60} or so."), "rejected": hh(turns, " No.")})
+    data = write_pairs(tmp_path / "pairs.jsonl.gz", rows)
+    out = tmp_path / "run"
+    rlhf.main(["--stage", "all", "--data", data, "--out_dir", str(out)] + SMOKE)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "acc_gold" not in summary["rm"]["heldout"] and "acc_label" in summary["judge"]["heldout"]
+    assert "gold" not in summary["eval"]["ppo"] and "win_rate_gold" not in summary["eval"]
+    table = (out / "eval.md").read_text()
+    assert "by the judge" in table and "gold" not in table
+    assert summary["data"]["source"] == data and summary["eval"]["ppo"]["length"] > 0
+
+
+def test_two_processes_with_torchrun_match_one_process(tmp_path):
+    """torchrun --nproc_per_node 2: each process takes half of every batch, DDP (gloo) averages the
+    gradients; the SFT and RM losses equal a one-process run of the same global batches."""
+    flags = ["--stage", "all"] + SMOKE
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "rlhf.py", "--out_dir", str(tmp_path / "one")] + flags, cwd=HERE, env=env,
+                         capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "rlhf.py", "--out_dir", str(tmp_path / "two")] + flags, cwd=HERE, env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "in each of 2 processes" in two.stdout and two.stdout.count("== stage sft ==") == 1  # rank 0 alone prints
+    for name in ("sft_metrics", "rm_metrics", "judge_metrics"):
+        a, b = ([json.loads(x)["loss"] for x in (tmp_path / run / f"{name}.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+        assert a == pytest.approx(b, rel=1e-5), name
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / run / "sft" / "model.safetensors") for run in ("one", "two"))
+    # Adam divides each step by √(running mean of g²): for a weight whose gradient is ~0, floating-point
+    # differences in the summed gradient become steps of up to ±lr, so weights match to lr, not to 1e-7
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["ppo"]["processes"] == 2
+
+
+def test_bench_runs_the_ppo_step_of_rlhf(capsys):
+    import bench
+    med = bench.main(["--steps", "2", "--warmup", "1", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
+                      "--vocab", "64", "--batch", "8", "--minibatch", "4", "--response_len", "4", "--threads", "1"])
+    assert set(med) == {"generate", "score", "train", "total"} and med["total"] >= med["train"] > 0
+    out = capsys.readouterr().out
+    assert "GFLOP/s" in out and "% of the" in out and "tokens/s" in out
 
 
 # ---------------------------------------------------------------------------- the course: tutorial.md and course.py
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_COURSE = os.path.exists(os.path.join(HERE, "course.py"))  # the student copy leaves course.py out
 needs_course = pytest.mark.skipif(not HAS_COURSE, reason="course.py is not in the student copy")
 
@@ -489,23 +1040,31 @@ def test_tutorial_code_quotes_are_lines_of_rlhf_py():
                 at = code.index(line, at) + 1
 
 
-@pytest.mark.parametrize("func", ["make_dataset", "train_bpe", "stage_sft", "stage_rm", "stage_ppo", "stage_eval"])
-def test_tutorial_lists_the_same_numbered_steps_as_the_code(func):
+STEPS = {"make_dataset": ["make_dataset"], "train_bpe": ["train_bpe"], "stage_sft": ["stage_sft"],
+         "train_reward_model": ["train_reward_model"], "stage_ppo": ["make_experience", "ppo_update", "stage_ppo"],
+         "stage_eval": ["stage_eval"]}
+
+
+@pytest.mark.parametrize("section", STEPS)
+def test_tutorial_lists_the_same_numbered_steps_as_the_code(section):
     import inspect
-    code_steps = set(re.findall(r"^\s*(?:# )?(\d+)\. ", inspect.getsource(getattr(rlhf, func)), re.M))
+    code_steps = set()
+    for func in STEPS[section]:
+        code_steps |= set(re.findall(r"^\s*(?:# )?(\d+)\.(?:-\d+\.)? ", inspect.getsource(getattr(rlhf, func)), re.M))
     text = open(os.path.join(HERE, "tutorial.md"), encoding="utf-8").read()
-    section = re.split(r"\*\*What you see|\n## ", text.split(f"**The steps of `{func}`")[1])[0]
-    tutorial_steps = set(re.findall(r"^(?:\*\*)?(\d+)\. ", section, re.M))
+    part = re.split(r"\*\*What you see|\n## ", text.split(f"**The steps of `{section}`")[1])[0]
+    tutorial_steps = set(re.findall(r"^(?:\*\*)?(\d+)\. ", part, re.M))
     assert code_steps == tutorial_steps and len(code_steps) >= 3, (code_steps, tutorial_steps)
 
 
 @pytest.mark.parametrize("doc, at_least", [("tutorial.md", 20), ("README.md", 5)])
 def test_tutorial_commands_parse(doc, at_least):
-    """Every `python rlhf.py`, `python course.py` and `pytest -k` command of the tutorial and the
-    README (```bash blocks and inline) is valid as written: known flags and values, existing
+    """Every `python rlhf.py`, `python course.py`, `python bench.py` and `pytest -k` command of the tutorial
+    and the README (```bash blocks and inline) is valid as written: known flags and values, existing
     subcommands, tests that exist, and the error a line says it gives."""
     if HAS_COURSE:
         import course
+    import bench
     test_names = [name for name in globals() if name.startswith("test_")]
     text = open(os.path.join(HERE, doc), encoding="utf-8").read()
     lines = [line for block in tutorial_blocks("bash", doc) for line in block.replace("\\\n", " ").splitlines()]
@@ -513,13 +1072,15 @@ def test_tutorial_commands_parse(doc, at_least):
     n_commands = 0
     for line in lines:
         words = [re.sub(r"\$\w+", "0.1", w) for w in shlex.split(line, comments=True)]
+        if words[:1] == ["torchrun"]:
+            words = ["python"] + words[words.index("rlhf.py"):]
         if words[:2] == ["python", "rlhf.py"] and "--help" in words:
             with pytest.raises(SystemExit) as e:
                 rlhf.build_parser().parse_args(words[2:])
             assert e.value.code == 0
         elif words[:2] == ["python", "rlhf.py"]:
             cfg = rlhf.Config(**vars(rlhf.build_parser().parse_args(words[2:])))
-            cfg = dataclasses.replace(cfg, device="cpu")  # a GPU line is checked as if on a CPU
+            cfg = dataclasses.replace(cfg, device="cpu", data="")  # a GPU line, or your own file, checked as if here
             if "# rlhf.py: error: " in line:  # a line that shows an error must give that error
                 with pytest.raises(rlhf.UserError) as e:
                     rlhf.check_config(cfg)
@@ -528,6 +1089,8 @@ def test_tutorial_commands_parse(doc, at_least):
                 rlhf.check_config(cfg)
         elif words[:2] == ["python", "course.py"] and HAS_COURSE:
             course.build_parser().parse_args(words[2:])
+        elif words[:2] == ["python", "bench.py"]:
+            bench.build_parser().parse_args(words[2:])
         elif words[:3] == ["python", "-m", "pytest"] and "-k" in words:
             for expression in words[words.index("-k") + 1].split(" or "):
                 assert any(expression in name for name in test_names), f"no test matches -k {expression}"
@@ -548,7 +1111,7 @@ def test_tutorial_has_every_exercise_with_its_grading_command():
 
 
 @needs_course
-def test_student_copy_blanks_only_the_exercise_bodies():
+def test_student_copy_blanks_only_the_exercise_bodies_and_never_mentions_course_py(tmp_path):
     import ast
     import course
     source = open(rlhf.__file__, encoding="utf-8").read()
@@ -563,8 +1126,11 @@ def test_student_copy_blanks_only_the_exercise_bodies():
             assert f"exercise {names[a.name]}:" in ast.unparse(b.body[1])
         else:
             assert ast.dump(a) == ast.dump(b)  # everything else is untouched
-    # non-exercise lines (comments included) are kept byte for byte
     assert "# Stage 3: PPO with a KL penalty" in student and student.count("\n") < source.count("\n")
+    copy = course.make_student_copy(str(tmp_path / "lab"))
+    for name in os.listdir(copy):
+        if name.endswith(".md") or name == "rlhf.py":  # what students read (the tests skip course.py's checks)
+            assert "course.py" not in open(os.path.join(copy, name), encoding="utf-8").read(), name
 
 
 @needs_course
@@ -583,8 +1149,20 @@ def test_a_run_of_the_student_copy_names_the_first_missing_exercise(tmp_path):
 
 
 @needs_course
-def test_each_exercise_fails_without_its_code_and_passes_with_it():
-    """course.py check: on the full rlhf.py each grading command passes; on the student copy
-    it fails; with only that one exercise blank it fails, with that exercise's own error."""
+def test_each_exercise_grader_fails_without_its_code_and_on_classic_mistakes():
+    """course.py check: on the full rlhf.py each grading command passes; on the student copy it fails;
+    with only that exercise blank it fails with that exercise's own error; and each of the classic wrong
+    solutions in course.WRONG fails that exercise's grader, with a message naming the exercise, and
+    makes no other exercise's grader fail."""
     out = subprocess.run([sys.executable, os.path.join(HERE, "course.py"), "check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_readme_lists_every_flag_with_its_default():
+    """The README's Options table has one row per Config field, with the default rlhf.py uses."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    rows = dict(re.findall(r"^\| `--(\w+)`(?: / `--no-\w+`)? \| `([^`]*)` \|", text, re.M))
+    for f in dataclasses.fields(rlhf.Config):
+        assert f.name in rows, f"README.md, Options: no row for --{f.name}"
+        assert rows[f.name] == ("''" if f.default == "" else str(f.default)), (f.name, rows[f.name], f.default)
+    assert set(rows) == {f.name for f in dataclasses.fields(rlhf.Config)}

@@ -1,0 +1,161 @@
+"""
+Do the tests catch a wrong line? Each mutant below is one realistic bug in rlhf.py (an off-by-one, a
+swapped sign, a missing mask, a skipped call). For each, this script copies the repository to a
+temporary folder, applies the bug, runs the test suite (stopping at the first failure), and reports
+the bugs no test caught. Not part of CI (it runs the suite once per mutant); run it after changing
+rlhf.py or the tests:
+
+  python .ci/mutants.py              # every mutant, 2 at a time
+  python .ci/mutants.py gae kl       # only the mutants whose name contains one of these words
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, the line as it is in rlhf.py (a unique fragment of it), the same line with the bug)
+MUTANTS = [
+    # tokenizer
+    ("bpe counts distinct chunks", "pairs[pair] += n", "pairs[pair] += 1"),
+    ("bpe tie to the largest pair", "key=lambda pr: (pairs[pr], -pr[0], -pr[1])", "key=lambda pr: (pairs[pr], pr[0], pr[1])"),
+    ("bpe one merge too few", "for new_id in range(256, vocab_size - 2):", "for new_id in range(256, vocab_size - 3):"),
+    ("merge overlaps", "            i += 2", "            i += 1"),
+    ("encode by latest merge", "pair = min(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, float(\"inf\")))",
+     "pair = max(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, -1))"),
+    ("special tokens not split off", "for part in regex.split(\"(\" + \"|\".join(regex.escape(s) for s in special) + \")\", text):",
+     "for part in [text]:"),
+    ("pad equals eos", "token_to_id[EOT], token_to_id[PAD] = len(vocab), len(vocab) + 1",
+     "token_to_id[EOT], token_to_id[PAD] = len(vocab), len(vocab)"),
+    ("prompt budget ignores the response", "budget = tok.model_max_length - cfg.max_new_tokens - len(start)",
+     "budget = tok.model_max_length - len(start)"),
+    ("cut response keeps an end token", "item[k] = r[:cfg.max_new_tokens] if len(r) + 1 > cfg.max_new_tokens else r + [tok.eos_token_id]",
+     "item[k] = r[:cfg.max_new_tokens - 1] + [tok.eos_token_id]"),
+    ("old turns kept", "while len(ids) > budget and text.find(HUMAN, 1) > 0:", "while False:"),
+    ("prompt cut from the right", "ids = ids[-budget:]", "ids = ids[:budget]"),
+    ("no start token", "item = {\"prompt\": start + ids}", "item = {\"prompt\": ids}"),
+    # data and the simulated human
+    ("honest guess rewarded", "content = 1.0 if admitted and not said else", "content = 1.0 if admitted else"),
+    ("complying refusal rewarded", "content = 1.0 if refused and not complied else", "content = 1.0 if refused else"),
+    ("rudeness free", "score = content - 0.5 * rude", "score = content - 0.0 * rude"),
+    ("held-out prompts leak", "p[\"split\"] = \"heldout\" if i < n_held else \"train\"", "p[\"split\"] = \"heldout\" if i < n_held else \"heldout\""),
+    ("judge pairs from held-out prompts", "data[\"prefs_judge\"] = [label_pair(draw(\"train\"), rng, cfg)",
+     "data[\"prefs_judge\"] = [label_pair(draw(\"heldout\"), rng, cfg)"),
+    ("file: chosen and rejected swapped", "return dict(prompt=prompt, chosen=chosen, rejected=rejected)",
+     "return dict(prompt=prompt, chosen=rejected, rejected=chosen)"),
+    ("file: prompt without its last Assistant", "return text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]",
+     "return text[:cut], text[cut:]"),
+    ("file: judge shares the rm pairs", "rm_pairs, judge_pairs = train[:n_rm], train[n_rm:n_rm + cfg.n_judge]",
+     "rm_pairs, judge_pairs = train[:n_rm], train[:cfg.n_judge]"),
+    # models, log-probs, sampling
+    ("positions count padding", "return (mask.long().cumsum(-1) - 1).clamp(min=0)", "return torch.arange(mask.shape[-1]).expand(mask.shape)"),
+    ("logits not shifted", "    return logits[:, :-1].float() / temperature", "    return logits[:, 1:].float() / temperature"),
+    ("log-probs without temperature", "    return logits[:, :-1].float() / temperature", "    return logits[:, :-1].float()"),
+    ("value read after the token", "hidden = out.hidden_states[-1][:, n_prompt - 1:-1]",
+     "hidden = out.hidden_states[-1][:, n_prompt:]"),
+    ("policy logits not shifted", "return out.logits[:, :-1].float() / temperature, values.float()",
+     "return out.logits[:, 1:].float() / temperature, values.float()"),
+    ("sampling with top-k 50", "return dict(do_sample=True, top_k=0,", "return dict(do_sample=True, top_k=50,"),
+    ("end token masked out", "r_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()", "r_mask = (is_eos.cumsum(1) == 0).long()"),
+    ("tokens after the end kept", "r_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()", "r_mask = torch.ones_like(is_eos)"),
+    ("everything ended", "ended = is_eos.sum(1) > 0", "ended = is_eos.sum(1) >= 0"),
+    # stage 1 and 2
+    ("sft loss on the prompt", "loss_mask = torch.tensor([[0] * len(e[\"prompt\"]) + [1] * len(e[\"response\"])",
+     "loss_mask = torch.tensor([[1] * len(e[\"prompt\"]) + [1] * len(e[\"response\"])"),
+    ("sft not shifted", "logp = logprobs_of(logits[:, :-1].float(), ids[:, 1:])", "logp = logprobs_of(logits[:, 1:].float(), ids[:, 1:])"),
+    ("bradley-terry sign", "return -F.logsigmoid(r_chosen - r_rejected).mean()", "return -F.logsigmoid(r_rejected - r_chosen).mean()"),
+    ("reward at the last column", "last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # index of the last 1 in each row of mask",
+     "last = torch.full((len(ids),), mask.shape[1] - 1)"),
+    ("rm scores not normalised", "score = (raw - rm.config.reward_mean) / rm.config.reward_std", "score = raw"),
+    ("missing-EOS constant for ended", "return torch.where(ended, score, torch.full_like(score, cfg.missing_eos_score))",
+     "return torch.where(~ended, score, torch.full_like(score, cfg.missing_eos_score))"),
+    ("missing-EOS constant added", "return torch.where(ended, score, torch.full_like(score, cfg.missing_eos_score))",
+     "return score + cfg.missing_eos_score * (~ended).float()"),
+    ("rm accuracy against chosen only", "hits += [(row, m.item() > 0) for row, m in zip(pairs[i:i + 64], r[:n] - r[n:])]",
+     "hits += [(row, m.item() > 0) for row, m in zip(pairs[i:i + 64], r[:n])]"),
+    ("ddp share inverted", "return 1.0 if world() == 1 else world() * float(n_local) / all_sum(float(n_local))",
+     "return 1.0 if world() == 1 else all_sum(float(n_local)) / float(n_local) / world()"),
+    ("ddp batch not split", "    return items[rank()::world()]", "    return items"),
+    # stage 3 PPO
+    ("kl reward sign", "    rewards = -kl_coef * kl                               # padding stays 0: kl is masked",
+     "    rewards = kl_coef * kl"),
+    ("score on the last column", "    rewards[torch.arange(len(score)), last] += score", "    rewards[:, -1] += score"),
+    ("gae without lambda", "        last = delta + gamma * lam * last", "        last = delta + gamma * last"),
+    ("gae values past the end", "    values, rewards = values * mask, rewards * mask      # subtle: V = 0 after the end, so δ stops there",
+     "    rewards = rewards * mask"),
+    ("returns without values", "    return advantages, (advantages + values) * mask", "    return advantages, advantages * mask"),
+    ("clip min instead of max", "    loss = masked_mean(torch.max(unclipped, clipped), mask)", "    loss = masked_mean(torch.min(unclipped, clipped), mask)"),
+    ("value clip around returns", "    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)",
+     "    v_clipped = returns + torch.clamp(values - returns, -clip_range, clip_range)"),
+    ("kl controller unclipped", "    error = min(max(kl / cfg.kl_target - 1, -0.2), 0.2)", "    error = kl / cfg.kl_target - 1"),
+    ("ref log-probs from the policy", "ref_logprobs = logprobs_of(response_logits(ref, ids, mask, P, cfg.temperature), r_ids)",
+     "ref_logprobs = logprobs_of(response_logits(policy, ids, mask, P, cfg.temperature), r_ids)"),
+    ("advantages not whitened", "    advantages = masked_whiten(advantages, r_maskf)", "    advantages = advantages * r_maskf"),
+    ("old values unmasked", "    old_values = values * r_maskf", "    old_values = values"),
+    ("gae gamma and lambda swapped", "advantages, returns = compute_gae(rewards, old_values, r_maskf, cfg.gamma, cfg.lam)",
+     "advantages, returns = compute_gae(rewards, old_values, r_maskf, cfg.lam, cfg.gamma)"),
+    ("ratio against the reference", "pg_loss, clipfrac = ppo_policy_loss(new_logprobs, exp[\"old_logprobs\"][mb], exp[\"advantages\"][mb], m,",
+     "pg_loss, clipfrac = ppo_policy_loss(new_logprobs, new_logprobs.detach(), exp[\"advantages\"][mb], m,"),
+    ("advantage sign flipped in the update", "pg_loss, clipfrac = ppo_policy_loss(new_logprobs, exp[\"old_logprobs\"][mb], exp[\"advantages\"][mb], m,",
+     "pg_loss, clipfrac = ppo_policy_loss(new_logprobs, exp[\"old_logprobs\"][mb], -exp[\"advantages\"][mb], m,"),
+    ("value loss left out", "loss = (pg_loss + cfg.vf_coef * vf_loss) * share(m.sum())", "loss = pg_loss * share(m.sum())"),
+    ("no zero_grad", "            opt.zero_grad(set_to_none=True)\n            loss.backward()", "            loss.backward()"),
+    ("minibatch ignores the shuffle", "ids, mask, P, r_ids, m = exp[\"ids\"][mb], exp[\"mask\"][mb], exp[\"n_prompt\"], exp[\"r_ids\"][mb], exp[\"r_mask\"][mb]",
+     "ids, mask, P, r_ids, m = exp[\"ids\"], exp[\"mask\"], exp[\"n_prompt\"], exp[\"r_ids\"], exp[\"r_mask\"]"),
+    ("beta not adapted", "kl_coef = update_kl_coef(kl_coef, row[\"kl\"], cfg, cfg.rollout_batch_size)", "kl_coef = kl_coef"),
+    # evaluation
+    ("eval: ppo against itself", "figures[f\"win_rate_{key}\"] = win_rate(records[\"ppo\"], records[\"sft\"], key, cfg.seed)",
+     "figures[f\"win_rate_{key}\"] = win_rate(records[\"ppo\"], records[\"ppo\"], key, cfg.seed)"),
+    ("eval: no common random numbers", "        torch.manual_seed(cfg.seed + 1)\n        records[name] = evaluate_policy",
+     "        records[name] = evaluate_policy"),
+    ("eval: kl against itself", "records[name] = evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=sft)",
+     "records[name] = evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=policy)"),
+    ("win rate ties count as wins", "1.0 if x[key] > y[key] else 0.5 if x[key] == y[key] else 0.0", "1.0 if x[key] >= y[key] else 0.0"),
+    ("bootstrap without replacement", "means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)",
+     "means = x[torch.stack([torch.randperm(len(x), generator=g) for _ in range(resamples)])].mean(1)"),
+    # bookkeeping
+    ("stale eval kept", "            with contextlib.suppress(FileNotFoundError):\n                os.remove(os.path.join(cfg.out_dir, name))",
+     "            pass"),
+    ("stale stages still listed", "            stale.append(s)\n            del summary[s]", "            stale.append(s)"),
+]
+
+
+def run(mutant, python):
+    name, old, new = mutant
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in ("rlhf.py", "test_rlhf.py", "course.py", "bench.py", "tutorial.md", "README.md"):
+            shutil.copy(os.path.join(HERE, f), tmp)
+        path = os.path.join(tmp, "rlhf.py")
+        source = open(path, encoding="utf-8").read()
+        if source.count(old) != 1:
+            return name, "not applied: the line is not in rlhf.py exactly once", 0.0
+        open(path, "w", encoding="utf-8").write(source.replace(old, new))
+        t0 = time.time()
+        # course.py check (the graders against wrong solutions) is left out: it proves the graders, not rlhf.py
+        out = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "test_rlhf.py",
+                              "-k", "not each_exercise_grader"], cwd=tmp,
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        caught = [line.split(" ")[1].split("::")[-1] for line in out.stdout.splitlines() if line.startswith("FAILED")]
+        return name, (f"caught by {caught[0]}" if caught else "SURVIVED" if out.returncode == 0
+                      else f"caught (exit {out.returncode})"), time.time() - t0
+
+
+def main():
+    words = sys.argv[1:]
+    mutants = [m for m in MUTANTS if not words or any(w in m[0] for w in words)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda m: run(m, sys.executable), mutants))
+    for name, verdict, seconds in results:
+        print(f"{name:45s} {verdict} ({seconds:.0f}s)")
+    survived = [name for name, verdict, _ in results if not verdict.startswith("caught")]
+    print(f"\n{len(results) - len(survived)} of {len(results)} mutants caught" +
+          (f"; not caught: {', '.join(survived)}" if survived else ""))
+    sys.exit(1 if survived else 0)
+
+
+if __name__ == "__main__":
+    main()
