@@ -631,6 +631,15 @@ def test_rm_accuracy_counts_agreement_with_labels_and_with_gold(tmp_path):
     assert acc["acc_gold_honest"] == float(not says_chosen)
 
 
+def test_rm_accuracy_compares_the_two_rewards_not_their_signs(tmp_path, monkeypatch):
+    tok = tiny_tokenizer(tmp_path)
+    pairs = [dict(prompt="Q", chosen=" a", rejected=" b")] * 3
+    examples, _ = rlhf.tokenize(tok, pairs, rlhf.Config(), keys=("chosen", "rejected"))
+    # rows are [chosen..., rejected...]: every chosen scores +1, every rejected +2 (both positive)
+    monkeypatch.setattr(rlhf, "reward_at_last_token", lambda rm, ids, mask: torch.tensor([1.0] * 3 + [2.0] * 3))
+    assert rlhf.rm_accuracy(None, tok, pairs, examples, CPU)["acc_label"] == 0.0
+
+
 # ---------------------------------------------------------------------------- stage 3: PPO
 
 def test_kl_shaped_rewards_put_the_score_on_the_last_real_token_only():
@@ -742,6 +751,51 @@ def test_make_experience_scores_whitens_and_shapes_the_rollout(tmp_path):
     assert torch.allclose(exp["returns"], returns, atol=1e-4)
     assert torch.allclose(exp["advantages"], rlhf.masked_whiten(advantages, m), atol=1e-4)  # whitened
     assert rlhf.masked_mean(exp["advantages"], m).abs().item() < 1e-5
+
+
+def ppo_toy(tmp_path):
+    """A policy, a zero value head, and a rollout of two responses to one prompt (A = +1 and −1)."""
+    tok = tiny_tokenizer(tmp_path)
+    policy = tiny_lm(tok)
+    head = torch.nn.Linear(32, 1)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    q, r = rlhf.encode(tok, ["Human: hi Assistant:"])[0], rlhf.encode(tok, [" good", " bad!"])
+    ids, mask = rlhf.pad_right([q + r[0], q + r[1]], tok.pad_token_id)
+    r_ids, r_mask = rlhf.pad_right(r, tok.pad_token_id)
+    with torch.no_grad():
+        logits, values = rlhf.policy_forward(policy, head, ids, mask, len(q), 1.0)
+        old = rlhf.logprobs_of(logits, r_ids)
+    adv = torch.tensor([[1.0] * 5, [-1.0] * 5]) * r_mask
+    exp = dict(ids=ids, mask=mask, n_prompt=len(q), r_ids=r_ids, r_mask=r_mask.float(), old_logprobs=old,
+               old_values=values * r_mask, advantages=adv, returns=torch.full_like(adv, 0.15) * r_mask)
+    return policy, head, exp
+
+
+def test_ppo_update_clips_against_the_rollout_policy(tmp_path):
+    """After a few large steps the ratio π/π_old leaves [1 − ε, 1 + ε] and clipping acts; a ratio taken
+    against the current policy itself (always 1) would never clip."""
+    policy, head, exp = ppo_toy(tmp_path)
+    cfg = rlhf.Config(ppo_epochs=8, minibatch_size=2, clip_range=0.05)
+    opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=3e-2)
+    assert rlhf.ppo_update(policy, head, opt, exp, cfg)["clipfrac"] > 0
+
+
+def test_ppo_update_starts_each_minibatch_from_zero_gradients(tmp_path, monkeypatch):
+    policy, head, exp = ppo_toy(tmp_path)
+    opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
+    monkeypatch.setattr(opt, "step", lambda: None)  # keep the weights: every update sees the same loss
+    cfg = rlhf.Config(ppo_epochs=1, minibatch_size=2, max_grad_norm=1e9)
+    rlhf.ppo_update(policy, head, opt, exp, cfg)
+    one = [p.grad.clone() for p in policy.parameters()]
+    rlhf.ppo_update(policy, head, opt, exp, rlhf.Config(ppo_epochs=3, minibatch_size=2, max_grad_norm=1e9))
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(policy.parameters(), one))  # not 2x or 4x
+
+
+def test_my_part_gives_each_process_every_world_th_item(monkeypatch):
+    monkeypatch.setattr(rlhf, "world", lambda: 2)
+    for r, part in ((0, ["a", "c"]), (1, ["b"])):
+        monkeypatch.setattr(rlhf, "rank", lambda r=r: r)
+        assert rlhf.my_part(["a", "b", "c"]) == part
 
 
 def test_ppo_update_raises_the_log_prob_of_good_tokens_and_fits_the_value_head(tmp_path):

@@ -95,7 +95,7 @@ MUTANTS = [
     ("ref log-probs from the policy", "ref_logprobs = logprobs_of(response_logits(ref, ids, mask, P, cfg.temperature), r_ids)",
      "ref_logprobs = logprobs_of(response_logits(policy, ids, mask, P, cfg.temperature), r_ids)"),
     ("advantages not whitened", "    advantages = masked_whiten(advantages, r_maskf)", "    advantages = advantages * r_maskf"),
-    ("old values unmasked", "    old_values = values * r_maskf", "    old_values = values"),
+    # ("old values unmasked": left out, an equivalent mutant: compute_gae and the value loss mask padding themselves)
     ("gae gamma and lambda swapped", "advantages, returns = compute_gae(rewards, old_values, r_maskf, cfg.gamma, cfg.lam)",
      "advantages, returns = compute_gae(rewards, old_values, r_maskf, cfg.lam, cfg.gamma)"),
     ("ratio against the reference", "pg_loss, clipfrac = ppo_policy_loss(new_logprobs, exp[\"old_logprobs\"][mb], exp[\"advantages\"][mb], m,",
@@ -127,13 +127,14 @@ MUTANTS = [
 def run(mutant, python):
     name, old, new = mutant
     with tempfile.TemporaryDirectory() as tmp:
-        for f in ("rlhf.py", "test_rlhf.py", "course.py", "bench.py", "tutorial.md", "README.md"):
+        for f in ("rlhf.py", "test_rlhf.py", "course.py", "bench.py", "tutorial.md", "README.md", "requirements.txt"):
             shutil.copy(os.path.join(HERE, f), tmp)
+        shutil.copytree(os.path.join(HERE, "assets"), os.path.join(tmp, "assets"))  # the student copy takes them
         path = os.path.join(tmp, "rlhf.py")
         source = open(path, encoding="utf-8").read()
-        if source.count(old) != 1:
+        if old and source.count(old) != 1:
             return name, "not applied: the line is not in rlhf.py exactly once", 0.0
-        open(path, "w", encoding="utf-8").write(source.replace(old, new))
+        open(path, "w", encoding="utf-8").write(source.replace(old, new) if old else source)
         t0 = time.time()
         # course.py check (the graders against wrong solutions) is left out: it proves the graders, not rlhf.py
         out = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "test_rlhf.py",
@@ -147,6 +148,10 @@ def run(mutant, python):
 def main():
     words = sys.argv[1:]
     mutants = [m for m in MUTANTS if not words or any(w in m[0] for w in words)]
+    # first the unchanged code: a test that fails there would "catch" every mutant
+    name, verdict, _ = run(("no change", "", ""), sys.executable)
+    if verdict != "SURVIVED":
+        sys.exit(f"mutants.py: the suite fails on the unchanged rlhf.py ({verdict}); fix that first")
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda m: run(m, sys.executable), mutants))
     for name, verdict, seconds in results:
