@@ -1476,6 +1476,8 @@ def train_reward_model(cfg, device, name, pairs_name):
     q_ids, q_mask, r_ids, r_mask, ended = generate(sft, tok, prompt_ids * 2, cfg, device)
     with torch.no_grad(), autocast(device):
         raw = reward_at_last_token(rm, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
+    if raw.numel() < 2:  # (a tiny smoke run where almost no sample ended: nothing to measure a scale on)
+        raw = torch.tensor([-1.0, 1.0])
     rm.config.reward_mean, rm.config.reward_std = raw.mean().item(), raw.std().item() + 1e-6
     save_atomically(rm, os.path.join(cfg.out_dir, name))
     tok.save_pretrained(os.path.join(cfg.out_dir, name))
