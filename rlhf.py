@@ -43,11 +43,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import regex  # GPT-2's pre-tokenizer needs \p{L} / \p{N}; a dependency of transformers
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+try:
+    import regex  # GPT-2's pre-tokenizer needs \p{L} / \p{N}; a dependency of transformers
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    MISSING = None
+except ModuleNotFoundError as e:  # --help still works (after the Config below); anything else is one line
+    MISSING = e.name
 
 STAGES = ("data", "tokenizer", "sft", "rm", "judge", "ppo", "eval")
 FAMILIES = ("helpful", "harmless", "honest")
@@ -135,6 +139,12 @@ def build_parser():
             choices = {"stage": STAGES + ("all",), "device": ("auto", "cpu", "cuda")}
             p.add_argument(*names, default=f.default, help=f.metadata["help"], type=f.type, choices=choices.get(f.name))
     return p
+
+
+if MISSING:  # without the packages only --help can work: the rest of this file needs them
+    build_parser().parse_args()
+    sys.exit(f"rlhf.py: error: the Python package '{MISSING}' is not installed; install the requirements first: "
+             f"pip install -r requirements.txt (README, Run it)")
 
 
 class UserError(Exception):

@@ -799,26 +799,15 @@ def test_my_part_gives_each_process_every_world_th_item(monkeypatch):
 
 
 def test_ppo_update_raises_the_log_prob_of_good_tokens_and_fits_the_value_head(tmp_path):
-    tok = tiny_tokenizer(tmp_path)
-    policy = tiny_lm(tok)
-    head = torch.nn.Linear(32, 1)
-    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    policy, head, exp = ppo_toy(tmp_path)
+    ids, mask, P, r_ids, r_mask, old = (exp[k] for k in ("ids", "mask", "n_prompt", "r_ids", "r_mask", "old_logprobs"))
     cfg = rlhf.Config(ppo_epochs=1, minibatch_size=2, clip_range=0.2, vf_coef=1.0, ppo_lr=1e-2)
-    q, r = rlhf.encode(tok, ["Human: hi Assistant:"])[0], rlhf.encode(tok, [" good", " bad!"])
-    ids, mask = rlhf.pad_right([q + r[0], q + r[1]], tok.pad_token_id)
-    r_ids, r_mask = rlhf.pad_right(r, tok.pad_token_id)
-    with torch.no_grad():
-        logits, values = rlhf.policy_forward(policy, head, ids, mask, len(q), 1.0)
-        old = rlhf.logprobs_of(logits, r_ids)
-    adv = torch.tensor([[1.0] * 5, [-1.0] * 5]) * r_mask
-    exp = dict(ids=ids, mask=mask, n_prompt=len(q), r_ids=r_ids, r_mask=r_mask.float(), old_logprobs=old,
-               old_values=values * r_mask, advantages=adv, returns=torch.full_like(adv, 0.15) * r_mask)
     opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
     stats = rlhf.ppo_update(policy, head, opt, exp, cfg)
     assert set(stats) == {"pg_loss", "vf_loss", "clipfrac", "approx_kl"}
     assert stats["pg_loss"] == pytest.approx(0.0, abs=1e-6)  # at ratio 1: −mean(A), here A sums to 0
     with torch.no_grad():
-        logits, values = rlhf.policy_forward(policy, head, ids, mask, len(q), 1.0)
+        logits, values = rlhf.policy_forward(policy, head, ids, mask, P, 1.0)
         new = rlhf.logprobs_of(logits, r_ids)
     gain = ((new - old) * r_mask).sum(1)
     assert gain[0] > 0 > gain[1]  # the good response (A > 0) became likelier, the bad one less likely
@@ -909,6 +898,10 @@ def test_course_tables_and_plots_read_a_finished_run(smoke_run, tmp_path, capsys
     assert rows[0]["win"] == s["eval"]["win_rate_gold"]["rate"] and rows[0]["rm"] == s["rm"]["heldout"]["acc_gold"]
     assert f"{s['eval']['win_rate_gold']['rate']:.3f}" in capsys.readouterr().out
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("sweep.png", "cost.png", "seeds.png"))
+    course.probe_rm(str(smoke_run), n=4)
+    probe = [line for line in capsys.readouterr().out.splitlines() if "RM score" in line]
+    assert [line.split("RM score")[0].split(None, 1)[1].strip() for line in probe] == [
+        "the told value", "another value", "I don't know.", "I don't know.", "Sorry, I can't help with that."]
 
 
 def test_ppo_keeps_beta_fixed_by_default_and_adapts_it_with_adaptive_kl(smoke_run, tmp_path):
@@ -1220,3 +1213,12 @@ def test_readme_lists_every_flag_with_its_default():
         assert f.name in rows, f"README.md, Options: no row for --{f.name}"
         assert rows[f.name] == ("''" if f.default == "" else str(f.default)), (f.name, rows[f.name], f.default)
     assert set(rows) == {f.name for f in dataclasses.fields(rlhf.Config)}
+
+
+@pytest.mark.parametrize("args, code, says", [(["--help"], 0, "usage: rlhf.py"),
+                                              (["--stage", "all"], 1, "'torch' is not installed")])
+def test_without_torch_help_works_and_a_run_says_what_to_install(args, code, says):
+    script = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['rlhf.py'] + sys.argv[1:]; "
+              f"runpy.run_path({rlhf.__file__!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", script] + args, capture_output=True, text=True)
+    assert out.returncode == code and says in out.stdout + out.stderr and "Traceback" not in out.stderr
