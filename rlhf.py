@@ -58,7 +58,7 @@ FAMILIES = ("helpful", "harmless", "honest")
 
 
 # -----------------------------------------------------------------------------
-# Config: every hyperparameter, one flag each (python rlhf.py --help)
+# 1. Config: every hyperparameter, one flag each (python rlhf.py --help)
 
 def arg(default, help):
     return field(default=default, metadata={"help": help})
@@ -147,314 +147,8 @@ if MISSING:  # without the packages only --help can work: the rest of this file 
              f"pip install -r requirements.txt (README, Run it)")
 
 
-class UserError(Exception):
-    """A problem the user can fix; main() prints it as one line."""
-
-
-def check_config(cfg):
-    positive = ["n_layer", "n_embd", "n_head", "n_positions", "n_sft", "n_pref", "n_judge", "vocab_size", "sft_steps",
-                "sft_batch_size", "sft_lr", "rm_epochs", "rm_batch_size", "rm_lr", "ppo_steps", "rollout_batch_size",
-                "ppo_epochs", "minibatch_size", "ppo_lr", "kl_target", "kl_horizon", "temperature",
-                "max_new_tokens", "max_grad_norm", "eval_samples", "eval_prompts", "label_temperature"]
-    for name in positive:
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name} must be > 0 (got {getattr(cfg, name)})")
-    for name in ["crowd_accuracy", "heldout_frac", "warmup_frac", "gamma", "lam", "clip_range", "value_clip_range"]:
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name} must be between 0 and 1 (got {getattr(cfg, name)})")
-    for name in ["kl_coef", "weight_decay", "vf_coef", "threads"]:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head})")
-    if cfg.vocab_size < 258:
-        raise UserError(f"--vocab_size must be >= 258: 256 bytes + 2 special tokens (got {cfg.vocab_size})")
-    if cfg.rollout_batch_size % cfg.minibatch_size:
-        raise UserError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
-                        f"--minibatch_size ({cfg.minibatch_size})")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    if cfg.data and not os.path.isfile(cfg.data) and cfg.stage in ("all", "data"):
-        raise UserError(f"--data {cfg.data}: no such file")
-
-
-def check_out_dir(cfg):
-    """--out_dir must be a folder we can write in (or one we can create): say so in one line, before any work."""
-    path = os.path.abspath(cfg.out_dir)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--out_dir {cfg.out_dir}: {existing} is a file, not a folder; pick another --out_dir")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UserError(f"--out_dir {cfg.out_dir}: cannot write in {existing} ({e.strerror}); pick another --out_dir")
-
-
-def check_model(cfg):
-    """--model must name a causal LM we can load now: a local folder, or a hub name that is in the local cache
-    or downloadable. Without a reachable hub, a name not in the cache fails here in seconds, not after retries."""
-    if cfg.model == "tiny":
-        return
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if os.path.isdir(cfg.model):
-        if not os.path.exists(os.path.join(cfg.model, "config.json")):
-            raise UserError(f"--model {cfg.model}: this folder has no config.json, so it is not a Hugging Face model; "
-                            f"save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
-        config = AutoConfig.from_pretrained(cfg.model)
-    elif os.path.exists(cfg.model):
-        raise UserError(f"--model {cfg.model}: a file, not a model folder")
-    else:
-        try:  # a hub name, such as gpt2 or EleutherAI/pythia-70m, already downloaded?
-            config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-        except (OSError, ValueError):
-            if not hub_reachable():
-                raise UserError(f"--model {cfg.model}: no such folder, and no such model in the Hugging Face cache "
-                                f"(the hub cannot be reached to download it)") from None
-            try:
-                config = AutoConfig.from_pretrained(cfg.model)
-            except (OSError, ValueError) as e:
-                raise UserError(f"--model {cfg.model}: no such folder or hub model ({str(e).splitlines()[0]})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"--model {cfg.model}: a {config.model_type} model is not a causal language model "
-                        f"(AutoModelForCausalLM cannot load it)")
-
-
-def hub_reachable(timeout=3.0):
-    import socket
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 # -----------------------------------------------------------------------------
-# Small utilities
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def masked_mean(x, mask, dim=None):
-    """Mean of x over the positions where mask is 1.
-    Example: masked_mean(tensor([1., 2., 9.]), tensor([1., 1., 0.])) -> 1.5
-    """
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_whiten(x, mask):
-    """(x - mean) / std over the real positions only; padding stays 0. Mean and variance are
-    masked means: var = mean((x - mean)²) over the positions where mask is 1.
-    subtle: whitening over padding too would shift the mean toward 0 [NDetails].
-    Example: masked_whiten(tensor([1., 3., 7.]), tensor([1., 1., 0.])) -> [-1., 1., 0.]
-    """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def bootstrap_ci(values, seed, resamples=1000):
-    """95% interval of the mean of `values` (one number per prompt), by resampling the prompts with
-    replacement (percentile bootstrap): how much the mean could move with other held-out prompts.
-    Example: bootstrap_ci([0., 1.] * 50, 0) -> about [0.40, 0.60]
-    """
-    x = torch.tensor(values, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return [round(lo, 4), round(hi, 4)]
-
-
-def write_jsonl(path, rows):
-    if rank() == 0:
-        with open(path, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_summary(cfg):
-    path = os.path.join(cfg.out_dir, "summary.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def update_summary(cfg, stage, figures):
-    """summary.json keeps one entry per stage, with the config that stage ran with (stages run
-    alone may have different flags) and when it ran; rerunning a stage replaces its entry."""
-    if rank() != 0:
-        return
-    summary = load_summary(cfg)
-    summary[stage] = dict(figures, config=dataclasses.asdict(cfg), finished=time.time())
-    path = os.path.join(cfg.out_dir, "summary.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-# What each stage's outputs are built from: rerunning a stage makes everything downstream stale.
-NEEDS = dict(tokenizer=["data"], sft=["tokenizer"], rm=["sft"], judge=["sft"], ppo=["rm"], eval=["ppo", "judge"])
-REPORTS = dict(sft=["sft_loss.png", "sft_metrics.jsonl"], rm=["rm_curve.png", "rm_metrics.jsonl"],  # what each stage
-               judge=["judge_curve.png", "judge_metrics.jsonl"], eval=["eval.md", "samples.md"],    # writes beside
-               ppo=["ppo_reward.png", "ppo_kl.png", "overview.png", "ppo_metrics.jsonl"])           # its checkpoint
-
-
-def downstream(stage):
-    """Every stage built, directly or not, from `stage`. Example: downstream('rm') -> ['ppo', 'eval']"""
-    out = []
-    for s in STAGES:
-        if any(n == stage or n in out for n in NEEDS.get(s, [])):
-            out.append(s)
-    return out
-
-
-def forget_downstream(cfg, stage):
-    """Before a stage reruns: the reports built from its old outputs (eval.md, ...) are removed, and
-    summary.json stops listing the stages built from them, so nothing stale is shown as current."""
-    if rank() != 0:
-        return []
-    summary, stale = load_summary(cfg), []
-    for s in downstream(stage):
-        for name in REPORTS.get(s, []):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(cfg.out_dir, name))
-        if s in summary:
-            stale.append(s)
-            del summary[s]
-    if stale:
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return stale
-
-
-def save_atomically(obj, path):
-    """save_pretrained into a temporary folder, then swap it in: a crash or Ctrl-C
-    never leaves a half-written checkpoint in place of a good one."""
-    if rank() != 0:
-        return
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    obj.save_pretrained(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def require(cfg, stage):
-    """The folder a finished stage wrote. A stage that never finished here, or that was built from an
-    earlier stage run again since (forget_downstream), stops the run with what to do."""
-    path = os.path.join(cfg.out_dir, stage)
-    if stage not in load_summary(cfg) or not os.path.exists(path):
-        why = "is out of date (a stage it was built from ran again since)" if os.path.exists(path) else "not found"
-        raise UserError(f"{path} {why}: run `python rlhf.py --stage {stage} --out_dir {cfg.out_dir}` first "
-                        f"(or --stage all)")
-    return path
-
-
-def check_finite(loss, stage, step, cfg):
-    if not torch.isfinite(loss):
-        raise UserError(f"{stage} loss became {loss.item()} at step {step}; stopped without overwriting the last "
-                        f"good checkpoint in {cfg.out_dir}; try a lower learning rate")
-
-
-# -----------------------------------------------------------------------------
-# More than one process: `torchrun --nproc_per_node N rlhf.py ...` starts N copies of this script.
-# Each takes 1/N of every batch and DDP averages the gradients after each backward (the nanoGPT
-# convention: NCCL on GPUs, gloo on CPUs); rank 0 alone prints and writes files. One process:
-# every function below does nothing.
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_sum(x):
-    """x summed over processes (a float or a tensor)."""
-    if world() == 1:
-        return x
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
-    dist.all_reduce(t)
-    return t.item() if t.dim() == 0 else t
-
-
-def share(n_local):
-    """This process's part of a global batch, times the number of processes: 1 with one process.
-    DDP averages gradients over processes; a loss that is a mean over this process's n_local items
-    (tokens or pairs), multiplied by share(n_local), makes that average the mean over all items.
-    Example: 2 processes with 30 and 10 tokens -> 1.5 and 0.5
-    """
-    return 1.0 if world() == 1 else world() * float(n_local) / all_sum(float(n_local))
-
-
-def ddp(model):
-    """model wrapped in DistributedDataParallel under torchrun, else model itself."""
-    if world() == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model)
-
-
-def my_part(items):
-    """This process's part of a global batch: every world()-th item from rank(). Example: 2 processes, [a, b, c] -> [a, c], [b]"""
-    return items[rank()::world()]
-
-
-def barrier():
-    if world() > 1:
-        dist.barrier()
-
-
-def pick_threads(cfg):
-    """Torch threads per process: --threads, else OMP_NUM_THREADS, else the cores that other work leaves free.
-    subtle: a thread per core on a busy machine makes every parallel op wait for a descheduled thread;
-    runs were 4-5x slower than with one thread."""
-    if cfg.threads:
-        return cfg.threads
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    free = cores - busy_cores()
-    return max(1, min(cores, round(free)) // world())
-
-
-def busy_cores(seconds=0.2):
-    """Cores' worth of work done by other processes right now, from /proc/stat (Linux; elsewhere 0)."""
-    def read():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # all, idle + iowait
-    try:
-        (a0, i0), _ = read(), time.sleep(seconds)
-        a1, i1 = read()
-    except OSError:
-        return 0.0
-    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, a1 - a0))
-
-
-# -----------------------------------------------------------------------------
-# Data: the built-in task and its simulated human
+# 2. The task and its simulated human
 #
 # Three families of prompts, after the article's helpful / harmless / honest:
 #   helpful   the user tells a fact, then asks about it  -> the answer from the prompt is preferred
@@ -675,124 +369,26 @@ def make_dataset(cfg):
     return data
 
 
-# -----------------------------------------------------------------------------
-# Data from a file: your own preference pairs instead of the simulated human
-#
-# Two shapes of JSON Lines rows, one pair per line:
-#   {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}   Anthropic HH-RLHF: whole transcripts;
-#       the prompt is the shared text up to and including the last "\n\nAssistant:"
-#   {"prompt": "...", "chosen": "...", "rejected": "..."}               most preference sets today
-# chosen / rejected may also be lists of chat messages ({"role", "content"}), as in TRL's conversational
-# datasets; they are written out as HH transcripts. The file feeds every stage: SFT on the chosen
-# responses (common practice when a set has no demonstrations), the reward model and the judge on
-# disjoint parts of the pairs, PPO on the prompts, and a held-out share of the prompts is kept out of all.
-
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-
-
-def as_transcript(messages, where):
-    """Chat messages as an HH transcript. Example: [{'role': 'user', 'content': 'Hi'}] -> '\\n\\nHuman: Hi'"""
-    names = {"user": HUMAN, "assistant": ASSISTANT, "system": "\n\nSystem:"}
-    if not all(isinstance(m, dict) and m.get("role") in names and isinstance(m.get("content"), str) for m in messages):
-        raise UserError(f"{where}: a list of messages must hold {{'role': user/assistant/system, 'content': text}} items")
-    return "".join(f"{names[m['role']]} {m['content']}" for m in messages)
-
-
-def split_transcript(text, where):
-    """(prompt, response) of an HH transcript: the prompt ends with the last "\\n\\nAssistant:".
-    Example: '\\n\\nHuman: Hi\\n\\nAssistant: Hello' -> ('\\n\\nHuman: Hi\\n\\nAssistant:', ' Hello')"""
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
-        raise UserError(f"{where}: a transcript with no {ASSISTANT!r}, so no response to learn from; rows without "
-                        f"a 'prompt' key must be HH-RLHF transcripts")
-    return text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
-
-
-def read_preference_file(path):
-    """Every pair in the file as {prompt, chosen, rejected}, or a one-line UserError naming the file and line."""
-    rows = []
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(parse_pair(line, f"{path}, line {n}"))
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise UserError(f"--data {path}: cannot be read ({e}); it must be UTF-8 JSON Lines, or gzip of it (.gz)") from None
-    if not rows:
-        raise UserError(f"--data {path}: the file has no rows; it needs one JSON object per line")
-    return rows
-
-
-def parse_pair(line, where):
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-    if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise UserError(f"{where}: a row needs the keys chosen and rejected (and prompt, unless they are HH-RLHF "
-                        f"transcripts); found {found}")
-    texts = {}
-    for key in ("prompt", "chosen", "rejected"):
-        value = row.get(key)
-        if isinstance(value, list):
-            value = as_transcript(value, where)
-        if value is not None and not isinstance(value, str):
-            raise UserError(f"{where}: {key} must be text or a list of chat messages (got {type(value).__name__})")
-        texts[key] = value
-    if isinstance(row["chosen"], list) or texts["prompt"] is None:  # whole transcripts: split off the prompt
-        prompt, chosen = split_transcript(texts["chosen"], where)
-        prompt_r, rejected = split_transcript(texts["rejected"], where)
-        if prompt != prompt_r:
-            raise UserError(f"{where}: chosen and rejected have different prompts; the two transcripts must be the "
-                            f"same up to the last {ASSISTANT!r}")
-        return dict(prompt=prompt, chosen=chosen, rejected=rejected)
-    return dict(prompt=texts["prompt"], chosen=texts["chosen"], rejected=texts["rejected"])
-
-
-def dataset_from_file(cfg):
-    """The file's pairs in the shape make_dataset gives: held-out prompts first, then the training pairs
-    split between the reward model and the judge. Returns (data, notes on what was dropped)."""
-    rng = random.Random(cfg.seed)
-    pairs = read_preference_file(cfg.data)
-    same = [r for r in pairs if r["chosen"].strip() == r["rejected"].strip()]
-    pairs = [r for r in pairs if r["chosen"].strip() != r["rejected"].strip()]
-    if not pairs:
-        raise UserError(f"--data {cfg.data}: every pair has chosen equal to rejected; there is no preference to learn")
-    # 1. split the distinct prompts: a held-out share is kept out of every stage
-    distinct = sorted({r["prompt"] for r in pairs})
-    rng.shuffle(distinct)
-    held = set(distinct[:max(1, round(cfg.heldout_frac * len(distinct)))])
-    if len(held) == len(distinct):
-        raise UserError(f"--data {cfg.data}: {len(distinct)} distinct prompt(s) are too few to hold some out; "
-                        f"lower --heldout_frac or add pairs")
-    prompts = [dict(prompt=p, family=None, split="heldout" if p in held else "train") for p in distinct]
-    train, heldout = [r for r in pairs if r["prompt"] not in held], [r for r in pairs if r["prompt"] in held]
-    rng.shuffle(train)
-    # 2. the reward model's pairs and the judge's: disjoint, in the ratio n_pref : n_judge if the file is short
-    n_rm = min(cfg.n_pref, max(1, round(len(train) * cfg.n_pref / (cfg.n_pref + cfg.n_judge))))
-    rm_pairs, judge_pairs = train[:n_rm], train[n_rm:n_rm + cfg.n_judge]
-    if not judge_pairs:
-        raise UserError(f"--data {cfg.data}: {len(train)} training pair(s) are too few to train a judge as well; add pairs")
-    # 3. SFT demonstrations: the chosen responses of the reward model's pairs
-    sft = lambda rows, n: [dict(prompt=r["prompt"], response=r["chosen"]) for r in rows if r["chosen"].strip()][:n]  # noqa: E731
-    data = dict(prompts=prompts, sft_train=sft(rm_pairs, cfg.n_sft), sft_heldout=sft(heldout, max(1, cfg.n_sft // 4)),
-                prefs_train=rm_pairs, prefs_judge=judge_pairs, prefs_heldout=heldout[:max(1, cfg.n_pref // 4)])
-    notes = [f"{len(same)} pair(s) dropped: chosen equal to rejected"] if same else []
-    if len(train) > n_rm + len(judge_pairs):
-        notes.append(f"{len(train) - n_rm - len(judge_pairs)} training pair(s) left unused (--n_pref {cfg.n_pref}, "
-                     f"--n_judge {cfg.n_judge})")
-    return data, notes
-
-
-def load_data(cfg):
-    folder = require(cfg, "data")
-    return {name[:-6]: read_jsonl(os.path.join(folder, name)) for name in os.listdir(folder)
-            if name.endswith(".jsonl")}
+def stage_data(cfg, device):
+    data, notes = dataset_from_file(cfg) if cfg.data else (make_dataset(cfg), [])
+    folder = os.path.join(cfg.out_dir, "data")
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    os.makedirs(folder + ".tmp")
+    for name, rows in data.items():
+        write_jsonl(os.path.join(folder + ".tmp", f"{name}.jsonl"), rows)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(folder + ".tmp", folder)
+    counts = {name: len(rows) for name, rows in data.items()}
+    print(f"data: {counts} -> {folder}" + "".join(f"\n  {n}" for n in notes))
+    ex = data["prefs_train"][0]
+    gold = lambda k: f" (gold {ex['gold_' + k]:+.2f})" if "gold_" + k in ex else ""  # noqa: E731
+    print(f"example pair: {ex['prompt'][-300:]!r}\n  chosen   {ex['chosen'][:200]!r}{gold('chosen')}"
+          f"\n  rejected {ex['rejected'][:200]!r}{gold('rejected')}")
+    return dict(counts=counts, notes=notes, source=cfg.data or "built-in task")
 
 
 # -----------------------------------------------------------------------------
-# Tokenization: byte-level BPE as in GPT-2, trained on our corpus
+# 3. Tokenization: byte-level BPE as in GPT-2, trained on our corpus
 #
 # Text -> UTF-8 bytes -> the 256 byte tokens -> merges applied by rank. Every string
 # can be encoded (Chinese, emoji, ...), because every byte is a token. The files we
@@ -968,16 +564,57 @@ def tokenize(tok, rows, cfg, keys=("response",)):
     return out, cuts
 
 
+BPE_CORPUS_CHARS = 500_000  # train_bpe is plain Python: a larger file's tokenizer learns from its first 500k characters
+
+
+def stage_tokenizer(cfg, device):
+    folder = os.path.join(cfg.out_dir, "tokenizer")
+    data = load_data(cfg)
+    t0 = time.time()
+    if cfg.model != "tiny":  # a pretrained model brings its own tokenizer; we add a pad token
+        from transformers import AutoConfig, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        if tok.eos_token is None:
+            raise UserError(f"--model {cfg.model}: its tokenizer has no end-of-text token, so no response can end")
+        if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+            # subtle: pad must differ from <|endoftext|>, or masking by id hides real end tokens
+            tok.add_special_tokens({"pad_token": PAD})
+        positions = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None) or cfg.n_positions
+        tok.model_max_length = min(positions, cfg.n_positions)  # the longest sequence any stage builds
+        tok.padding_side = "left"
+        save_atomically(tok, folder)
+        figures = dict(vocab_size=len(tok), source=cfg.model)
+    else:
+        corpus, n_chars = [], 0  # the corpus: SFT demonstrations
+        for r in data["sft_train"]:
+            corpus.append(r["prompt"] + r["response"])
+            n_chars += len(corpus[-1])
+            if n_chars > BPE_CORPUS_CHARS:
+                break
+        merges = train_bpe(corpus, cfg.vocab_size)
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        save_tokenizer(merges, folder + ".tmp", cfg.n_positions)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(folder + ".tmp", folder)
+        tok = load_tokenizer(folder)
+        figures = dict(vocab_size=len(tok), merges=len(merges), corpus_chars=n_chars)
+        print(f"tokenizer: {len(merges)} merges, vocab {len(tok)} -> {folder} ({time.time() - t0:.1f}s)")
+    example = data["sft_train"][0]["prompt"] + data["sft_train"][0]["response"]
+    ids = encode(tok, [example])[0]
+    print(f"  {example[-200:]!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids][-60:]}")
+    # what every later stage will cut to fit --n_positions and --max_new_tokens
+    cuts = Counter()
+    for name, keys in (("sft_train", ("response",)), ("prefs_train", ("chosen", "rejected")),
+                       ("prefs_judge", ("chosen", "rejected")), ("prompts", ())):
+        cuts.update(tokenize(tok, data[name], cfg, keys)[1])
+    print("  cut to fit: " + (", ".join(f"{n} {what}" for what, n in sorted(cuts.items())) or "nothing"))
+    return dict(figures, cuts=dict(cuts))
+
+
 # -----------------------------------------------------------------------------
-# Models: the policy and its reference (a causal LM), the reward model and the judge (the LM's body
-# and a scalar head), and the value head on the policy. Any Hugging Face causal LM works: nothing
-# below reaches into one architecture's attributes.
-
-def pick_device(cfg):
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
-
+# 4. Models, log-probs and sampling: the policy and its reference (a causal LM), the reward model and
+# the judge (the LM's body and a scalar head), and the value head on the policy. Any Hugging Face causal
+# LM works: nothing below reaches into one architecture's attributes.
 
 def autocast(device):
     """bf16 autocast on a GPU; on the CPU nothing changes (fp32)."""
@@ -1082,30 +719,6 @@ def pad_right(seqs, pad_id):
     return ids, mask
 
 
-def length_grouped_batches(lengths, batch_size, rng):
-    """Batches of similar-length examples (less padding, faster steps), in random order.
-    Example: lengths [3, 9, 4, 8], batch_size 2 -> e.g. [[1, 3], [0, 2]]
-    """
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches = []
-    for i in range(0, len(order), batch_size * 32):  # sort within windows, keep randomness across them
-        window = sorted(order[i:i + batch_size * 32], key=lambda j: lengths[j])
-        batches += [window[k:k + batch_size] for k in range(0, len(window), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def adamw_with_schedule(model, lr, weight_decay, total_steps, warmup_frac):
-    """AdamW; linear warmup then cosine decay (Hugging Face's scheduler)."""
-    from transformers import get_cosine_schedule_with_warmup
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return opt, get_cosine_schedule_with_warmup(opt, int(warmup_frac * total_steps), total_steps)
-
-
-# -----------------------------------------------------------------------------
-# Sampling, and evaluation against the simulated human and the judge (used by every stage)
-
 def sampling_kwargs(cfg, tok):
     """How generate() samples: from the policy's full distribution at cfg.temperature."""
     # subtle: generate() defaults to top_k=50; PPO's log-probs assume sampling from the full
@@ -1138,148 +751,38 @@ def decode_responses(tok, r_ids, r_mask):
     return [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(r_ids, r_mask)]
 
 
-@torch.no_grad()
-def evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=None):
-    """Sample cfg.eval_samples responses per prompt and score each by the simulated human (when the
-    prompt has one), by each reward model in `scorers` ({name: model}) and by its KL to `ref` (if given).
-    Returns one record per sample."""
-    records = []
-    prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
-    for k in range(cfg.eval_samples):
-        q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
-        texts = decode_responses(tok, r_ids, r_mask)
-        ids, mask, n = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
-        with autocast(device):
-            scores = {name: rm_scores(m, ids, mask, ended, cfg).tolist() for name, m in scorers.items()}
-            if ref is not None:  # Σ_t log π(y_t) − log π_ref(y_t): the KL estimate of each response
-                lp = logprobs_of(response_logits(policy, ids, mask, n, cfg.temperature), r_ids)
-                ref_lp = logprobs_of(response_logits(ref, ids, mask, n, cfg.temperature), r_ids)
-                scores["kl"] = ((lp - ref_lp) * r_mask).sum(1).tolist()
-        for i, p in enumerate(prompts):
-            rec = dict(prompt=p["prompt"], family=p.get("family"), sample=k, response=texts[i], ended=bool(ended[i]),
-                       length=int(r_mask[i].sum()), **{name: s[i] for name, s in scores.items()})
-            if p.get("family"):  # the built-in task: the simulated human judges
-                rec["gold"], rec["success"] = gold_judge(p, texts[i], bool(ended[i]))
-            records.append(rec)
-    return records
-
-
-def summarize(records):
-    """Mean figures over evaluation records, overall and per family."""
-    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
-    by_prompt = {}
-    for r in records:
-        by_prompt.setdefault(r["prompt"], []).append(r["response"])
-    out = {k: mean([r[k] for r in records]) for k in ("gold", "rm", "judge", "kl", "length", "ended", "success")
-           if records and k in records[0]}
-    # share of distinct responses among the samples of one prompt (diversity)
-    out["distinct"] = mean([len(set(v)) / len(v) for v in by_prompt.values()])
-    for fam in FAMILIES:
-        fr = [r for r in records if r["family"] == fam]
-        if fr:
-            out[f"success_{fam}"], out[f"gold_{fam}"] = mean([r["success"] for r in fr]), mean([r["gold"] for r in fr])
-    return out
-
-
-def plot(path, title, curves, ylabel, twin=None, xlabel="step"):
-    """One line plot. curves: {label: (xs, ys)}; twin: optional (label, xs, ys) on a right axis.
-    A curve of fewer than 20 points gets markers, so that a single point still shows."""
-    if rank() != 0:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=4)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if twin:
-        ax2 = ax.twinx()
-        ax2.plot(twin[1], twin[2], color="gray", linestyle="--", label=twin[0])
-        ax2.set_ylabel(twin[0])
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    # the legend goes under the plot, where it covers no line
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
-# Stage 0: data and tokenizer
+# 5. Stage 1: supervised fine-tuning (SFT)
 
-def stage_data(cfg, device):
-    data, notes = dataset_from_file(cfg) if cfg.data else (make_dataset(cfg), [])
-    folder = os.path.join(cfg.out_dir, "data")
-    shutil.rmtree(folder + ".tmp", ignore_errors=True)
-    os.makedirs(folder + ".tmp")
-    for name, rows in data.items():
-        write_jsonl(os.path.join(folder + ".tmp", f"{name}.jsonl"), rows)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(folder + ".tmp", folder)
-    counts = {name: len(rows) for name, rows in data.items()}
-    print(f"data: {counts} -> {folder}" + "".join(f"\n  {n}" for n in notes))
-    ex = data["prefs_train"][0]
-    gold = lambda k: f" (gold {ex['gold_' + k]:+.2f})" if "gold_" + k in ex else ""  # noqa: E731
-    print(f"example pair: {ex['prompt'][-300:]!r}\n  chosen   {ex['chosen'][:200]!r}{gold('chosen')}"
-          f"\n  rejected {ex['rejected'][:200]!r}{gold('rejected')}")
-    return dict(counts=counts, notes=notes, source=cfg.data or "built-in task")
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the positions where mask is 1.
+    Example: masked_mean(tensor([1., 2., 9.]), tensor([1., 1., 0.])) -> 1.5
+    """
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-BPE_CORPUS_CHARS = 500_000  # train_bpe is plain Python: a larger file's tokenizer learns from its first 500k characters
+def length_grouped_batches(lengths, batch_size, rng):
+    """Batches of similar-length examples (less padding, faster steps), in random order.
+    Example: lengths [3, 9, 4, 8], batch_size 2 -> e.g. [[1, 3], [0, 2]]
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for i in range(0, len(order), batch_size * 32):  # sort within windows, keep randomness across them
+        window = sorted(order[i:i + batch_size * 32], key=lambda j: lengths[j])
+        batches += [window[k:k + batch_size] for k in range(0, len(window), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
-def stage_tokenizer(cfg, device):
-    folder = os.path.join(cfg.out_dir, "tokenizer")
-    data = load_data(cfg)
-    t0 = time.time()
-    if cfg.model != "tiny":  # a pretrained model brings its own tokenizer; we add a pad token
-        from transformers import AutoConfig, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(cfg.model)
-        if tok.eos_token is None:
-            raise UserError(f"--model {cfg.model}: its tokenizer has no end-of-text token, so no response can end")
-        if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-            # subtle: pad must differ from <|endoftext|>, or masking by id hides real end tokens
-            tok.add_special_tokens({"pad_token": PAD})
-        positions = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None) or cfg.n_positions
-        tok.model_max_length = min(positions, cfg.n_positions)  # the longest sequence any stage builds
-        tok.padding_side = "left"
-        save_atomically(tok, folder)
-        figures = dict(vocab_size=len(tok), source=cfg.model)
-    else:
-        corpus, n_chars = [], 0  # the corpus: SFT demonstrations
-        for r in data["sft_train"]:
-            corpus.append(r["prompt"] + r["response"])
-            n_chars += len(corpus[-1])
-            if n_chars > BPE_CORPUS_CHARS:
-                break
-        merges = train_bpe(corpus, cfg.vocab_size)
-        shutil.rmtree(folder + ".tmp", ignore_errors=True)
-        save_tokenizer(merges, folder + ".tmp", cfg.n_positions)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(folder + ".tmp", folder)
-        tok = load_tokenizer(folder)
-        figures = dict(vocab_size=len(tok), merges=len(merges), corpus_chars=n_chars)
-        print(f"tokenizer: {len(merges)} merges, vocab {len(tok)} -> {folder} ({time.time() - t0:.1f}s)")
-    example = data["sft_train"][0]["prompt"] + data["sft_train"][0]["response"]
-    ids = encode(tok, [example])[0]
-    print(f"  {example[-200:]!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids][-60:]}")
-    # what every later stage will cut to fit --n_positions and --max_new_tokens
-    cuts = Counter()
-    for name, keys in (("sft_train", ("response",)), ("prefs_train", ("chosen", "rejected")),
-                       ("prefs_judge", ("chosen", "rejected")), ("prompts", ())):
-        cuts.update(tokenize(tok, data[name], cfg, keys)[1])
-    print("  cut to fit: " + (", ".join(f"{n} {what}" for what, n in sorted(cuts.items())) or "nothing"))
-    return dict(figures, cuts=dict(cuts))
+def adamw_with_schedule(model, lr, weight_decay, total_steps, warmup_frac):
+    """AdamW; linear warmup then cosine decay (Hugging Face's scheduler)."""
+    from transformers import get_cosine_schedule_with_warmup
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, get_cosine_schedule_with_warmup(opt, int(warmup_frac * total_steps), total_steps)
 
-
-# -----------------------------------------------------------------------------
-# Stage 1: supervised fine-tuning (SFT)
 
 def sft_batch(examples, tok, device):
     """Right-padded prompt + response ids, and a loss mask that is 1 on the response tokens only,
@@ -1370,15 +873,8 @@ def stage_sft(cfg, device):
                 heldout_loss=held_rows[-1]["heldout_loss"], samples=figures)
 
 
-def print_samples(title, records):
-    print(title)
-    for r in records:
-        tag = f"{r['family']:8s} gold {r['gold']:+.1f}" if "gold" in r else f"{r['length']} tokens"
-        print(f"  [{tag}] {r['prompt'][-120:].strip()!r} -> {r['response'][:200]!r}")
-
-
 # -----------------------------------------------------------------------------
-# Stage 2: reward model (Bradley-Terry), and the judge: the same recipe on other pairs
+# 6. Stage 2: reward model (Bradley-Terry), and the judge: the same recipe on other pairs
 
 def pair_batch(examples, tok, device):
     """chosen and rejected as one right-padded batch of 2B: rows [c_1..c_B, r_1..r_B].
@@ -1510,19 +1006,8 @@ def stage_judge(cfg, device):
     return train_reward_model(cfg, device, "judge", "prefs_judge")
 
 
-def plot_rm(cfg, name, metrics, held_rows):
-    smooth = lambda ys, k=10: [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))]  # noqa: E731
-    steps, held_steps = [m["step"] for m in metrics], [m["step"] for m in held_rows]
-    curves = {"train accuracy (smoothed)": (steps, smooth([m["acc"] for m in metrics])),
-              "held-out acc vs labels": (held_steps, [m["heldout_acc_label"] for m in held_rows])}
-    if "heldout_acc_gold" in held_rows[0]:
-        curves["held-out acc vs gold"] = (held_steps, [m["heldout_acc_gold"] for m in held_rows])
-    plot(os.path.join(cfg.out_dir, f"{name}_curve.png"), f"{'Reward model' if name == 'rm' else 'Judge'} training",
-         curves, "accuracy", twin=("loss (smoothed)", steps, smooth([m["loss"] for m in metrics])))
-
-
 # -----------------------------------------------------------------------------
-# Stage 3: PPO with a KL penalty, as pure tensor functions in the order they run
+# 7. Stage 3: PPO with a KL penalty, as pure tensor functions in the order they run, then the loop
 
 def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token rewards: a KL penalty on every token, the RM score on the last real one.
@@ -1556,6 +1041,17 @@ def compute_gae(rewards, values, mask, gamma, lam):
         advantages[:, t] = last
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def masked_whiten(x, mask):
+    """(x - mean) / std over the real positions only; padding stays 0. Mean and variance are
+    masked means: var = mean((x - mean)²) over the positions where mask is 1.
+    subtle: whitening over padding too would shift the mean toward 0 [NDetails].
+    Example: masked_whiten(tensor([1., 3., 7.]), tensor([1., 1., 0.])) -> [-1., 1., 0.]
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
@@ -1717,49 +1213,63 @@ def stage_ppo(cfg, device):
                 final={k: mean(k) for k in keys}, first={k: metrics[0][k] for k in keys})
 
 
-def plot_ppo(cfg, metrics):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    steps = [m["step"] for m in metrics]
-    col = lambda k: [m[k] for m in metrics]  # noqa: E731
-    reward_curves = {"RM score (normalised)": (steps, col("rm_score"))}
-    if "gold" in metrics[0]:
-        reward_curves["gold score (simulated human)"] = (steps, col("gold"))
-    plot(os.path.join(cfg.out_dir, "ppo_reward.png"), "PPO: reward model score vs the human's gold score"
-         if "gold" in metrics[0] else "PPO: reward model score", reward_curves, "score", xlabel="PPO step")
-    plot(os.path.join(cfg.out_dir, "ppo_kl.png"), "PPO: KL(π || π_ref) per response",
-         {"KL (nats)": (steps, col("kl"))}, "nats", twin=("β (KL coefficient)", steps, col("kl_coef")), xlabel="PPO step")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for label, (xs, ys) in reward_curves.items():
-        axes[0].plot(xs, ys, label=label.split(" (")[0])
-    axes[0].set(title="reward: RM vs simulated human" if "gold" in metrics[0] else "reward", xlabel="PPO step")
-    axes[1].plot(steps, col("kl"), label="KL to reference (nats)")
-    if cfg.adaptive_kl:
-        axes[1].axhline(cfg.kl_target, color="tab:red", linestyle=":", linewidth=1, label="KL target")
-    ax = axes[1].twinx()
-    ax.plot(steps, col("kl_coef"), color="gray", linestyle="--", label="β (right axis)")
-    ax.set_ylim(bottom=0)
-    axes[1].set(title=f"KL to π_ref (target {cfg.kl_target:g})" if cfg.adaptive_kl else f"KL to π_ref (β fixed at {cfg.kl_coef:g})",
-                xlabel="PPO step")
-    axes[2].plot(steps, col("entropy"), label="entropy (nats/token)")
-    axes[2].plot(steps, col("ended"), label="share of responses that end")
-    axes[2].set(title="policy health", xlabel="PPO step")
-    for a in axes:
-        a.grid(alpha=0.3)
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles = [a.get_legend_handles_labels() for a in (axes[0], axes[1], ax, axes[2])]
-    for a, (h, lab) in zip(axes, [handles[0], (handles[1][0] + handles[2][0], handles[1][1] + handles[2][1]), handles[3]]):
-        a.legend(h, lab, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    fig.tight_layout()
-    if rank() == 0:
-        fig.savefig(os.path.join(cfg.out_dir, "overview.png"), dpi=100)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
-# Evaluation: SFT vs PPO on held-out prompts, judged by the simulated human and by the judge
+# 8. Evaluation: SFT vs PPO on held-out prompts, judged by the simulated human and by the judge
+
+@torch.no_grad()
+def evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=None):
+    """Sample cfg.eval_samples responses per prompt and score each by the simulated human (when the
+    prompt has one), by each reward model in `scorers` ({name: model}) and by its KL to `ref` (if given).
+    Returns one record per sample."""
+    records = []
+    prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
+    for k in range(cfg.eval_samples):
+        q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
+        texts = decode_responses(tok, r_ids, r_mask)
+        ids, mask, n = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
+        with autocast(device):
+            scores = {name: rm_scores(m, ids, mask, ended, cfg).tolist() for name, m in scorers.items()}
+            if ref is not None:  # Σ_t log π(y_t) − log π_ref(y_t): the KL estimate of each response
+                lp = logprobs_of(response_logits(policy, ids, mask, n, cfg.temperature), r_ids)
+                ref_lp = logprobs_of(response_logits(ref, ids, mask, n, cfg.temperature), r_ids)
+                scores["kl"] = ((lp - ref_lp) * r_mask).sum(1).tolist()
+        for i, p in enumerate(prompts):
+            rec = dict(prompt=p["prompt"], family=p.get("family"), sample=k, response=texts[i], ended=bool(ended[i]),
+                       length=int(r_mask[i].sum()), **{name: s[i] for name, s in scores.items()})
+            if p.get("family"):  # the built-in task: the simulated human judges
+                rec["gold"], rec["success"] = gold_judge(p, texts[i], bool(ended[i]))
+            records.append(rec)
+    return records
+
+
+def summarize(records):
+    """Mean figures over evaluation records, overall and per family."""
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    by_prompt = {}
+    for r in records:
+        by_prompt.setdefault(r["prompt"], []).append(r["response"])
+    out = {k: mean([r[k] for r in records]) for k in ("gold", "rm", "judge", "kl", "length", "ended", "success")
+           if records and k in records[0]}
+    # share of distinct responses among the samples of one prompt (diversity)
+    out["distinct"] = mean([len(set(v)) / len(v) for v in by_prompt.values()])
+    for fam in FAMILIES:
+        fr = [r for r in records if r["family"] == fam]
+        if fr:
+            out[f"success_{fam}"], out[f"gold_{fam}"] = mean([r["success"] for r in fr]), mean([r["gold"] for r in fr])
+    return out
+
+
+def bootstrap_ci(values, seed, resamples=1000):
+    """95% interval of the mean of `values` (one number per prompt), by resampling the prompts with
+    replacement (percentile bootstrap): how much the mean could move with other held-out prompts.
+    Example: bootstrap_ci([0., 1.] * 50, 0) -> about [0.40, 0.60]
+    """
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [round(lo, 4), round(hi, 4)]
+
 
 def win_rate(a, b, key, seed):
     """How often policy a's response beats policy b's on the same prompt and sample index, by the
@@ -1846,8 +1356,505 @@ def eval_table(fig):
     return "\n".join(lines)
 
 
+# =============================================================================
+# The rest is plumbing: a learner may skip it. Argument checks, files and stale results, processes and
+# threads, loaders for your own data, plots and main(). (Python resolves names when a function runs,
+# so the RLHF method above can call what is defined below.)
+# =============================================================================
+
+
 # -----------------------------------------------------------------------------
-# main
+# Command-line checks: every bad flag is one line that says what to do, before any work
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line."""
+
+
+def check_config(cfg):
+    positive = ["n_layer", "n_embd", "n_head", "n_positions", "n_sft", "n_pref", "n_judge", "vocab_size", "sft_steps",
+                "sft_batch_size", "sft_lr", "rm_epochs", "rm_batch_size", "rm_lr", "ppo_steps", "rollout_batch_size",
+                "ppo_epochs", "minibatch_size", "ppo_lr", "kl_target", "kl_horizon", "temperature",
+                "max_new_tokens", "max_grad_norm", "eval_samples", "eval_prompts", "label_temperature"]
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name} must be > 0 (got {getattr(cfg, name)})")
+    for name in ["crowd_accuracy", "heldout_frac", "warmup_frac", "gamma", "lam", "clip_range", "value_clip_range"]:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name} must be between 0 and 1 (got {getattr(cfg, name)})")
+    for name in ["kl_coef", "weight_decay", "vf_coef", "threads"]:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head})")
+    if cfg.vocab_size < 258:
+        raise UserError(f"--vocab_size must be >= 258: 256 bytes + 2 special tokens (got {cfg.vocab_size})")
+    if cfg.rollout_batch_size % cfg.minibatch_size:
+        raise UserError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
+                        f"--minibatch_size ({cfg.minibatch_size})")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if cfg.data and not os.path.isfile(cfg.data) and cfg.stage in ("all", "data"):
+        raise UserError(f"--data {cfg.data}: no such file")
+
+
+def check_out_dir(cfg):
+    """--out_dir must be a folder we can write in (or one we can create): say so in one line, before any work."""
+    path = os.path.abspath(cfg.out_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--out_dir {cfg.out_dir}: {existing} is a file, not a folder; pick another --out_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"--out_dir {cfg.out_dir}: cannot write in {existing} ({e.strerror}); pick another --out_dir")
+
+
+def check_model(cfg):
+    """--model must name a causal LM we can load now: a local folder, or a hub name that is in the local cache
+    or downloadable. Without a reachable hub, a name not in the cache fails here in seconds, not after retries."""
+    if cfg.model == "tiny":
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if os.path.isdir(cfg.model):
+        if not os.path.exists(os.path.join(cfg.model, "config.json")):
+            raise UserError(f"--model {cfg.model}: this folder has no config.json, so it is not a Hugging Face model; "
+                            f"save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+        config = AutoConfig.from_pretrained(cfg.model)
+    elif os.path.exists(cfg.model):
+        raise UserError(f"--model {cfg.model}: a file, not a model folder")
+    else:
+        try:  # a hub name, such as gpt2 or EleutherAI/pythia-70m, already downloaded?
+            config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+        except (OSError, ValueError):
+            if not hub_reachable():
+                raise UserError(f"--model {cfg.model}: no such folder, and no such model in the Hugging Face cache "
+                                f"(the hub cannot be reached to download it)") from None
+            try:
+                config = AutoConfig.from_pretrained(cfg.model)
+            except (OSError, ValueError) as e:
+                raise UserError(f"--model {cfg.model}: no such folder or hub model ({str(e).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"--model {cfg.model}: a {config.model_type} model is not a causal language model "
+                        f"(AutoModelForCausalLM cannot load it)")
+
+
+def hub_reachable(timeout=3.0):
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def pick_device(cfg):
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
+
+
+# -----------------------------------------------------------------------------
+# Files and stale results: what each stage wrote, and what a rerun makes out of date
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_jsonl(path, rows):
+    if rank() == 0:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_data(cfg):
+    folder = require(cfg, "data")
+    return {name[:-6]: read_jsonl(os.path.join(folder, name)) for name in os.listdir(folder)
+            if name.endswith(".jsonl")}
+
+
+def load_summary(cfg):
+    path = os.path.join(cfg.out_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def update_summary(cfg, stage, figures):
+    """summary.json keeps one entry per stage, with the config that stage ran with (stages run
+    alone may have different flags) and when it ran; rerunning a stage replaces its entry."""
+    if rank() != 0:
+        return
+    summary = load_summary(cfg)
+    summary[stage] = dict(figures, config=dataclasses.asdict(cfg), finished=time.time())
+    path = os.path.join(cfg.out_dir, "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# What each stage's outputs are built from: rerunning a stage makes everything downstream stale.
+NEEDS = dict(tokenizer=["data"], sft=["tokenizer"], rm=["sft"], judge=["sft"], ppo=["rm"], eval=["ppo", "judge"])
+REPORTS = dict(sft=["sft_loss.png", "sft_metrics.jsonl"], rm=["rm_curve.png", "rm_metrics.jsonl"],  # what each stage
+               judge=["judge_curve.png", "judge_metrics.jsonl"], eval=["eval.md", "samples.md"],    # writes beside
+               ppo=["ppo_reward.png", "ppo_kl.png", "overview.png", "ppo_metrics.jsonl"])           # its checkpoint
+
+
+def downstream(stage):
+    """Every stage built, directly or not, from `stage`. Example: downstream('rm') -> ['ppo', 'eval']"""
+    out = []
+    for s in STAGES:
+        if any(n == stage or n in out for n in NEEDS.get(s, [])):
+            out.append(s)
+    return out
+
+
+def forget_downstream(cfg, stage):
+    """Before a stage reruns: the reports built from its old outputs (eval.md, ...) are removed, and
+    summary.json stops listing the stages built from them, so nothing stale is shown as current."""
+    if rank() != 0:
+        return []
+    summary, stale = load_summary(cfg), []
+    for s in downstream(stage):
+        for name in REPORTS.get(s, []):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cfg.out_dir, name))
+        if s in summary:
+            stale.append(s)
+            del summary[s]
+    if stale:
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return stale
+
+
+def save_atomically(obj, path):
+    """save_pretrained into a temporary folder, then swap it in: a crash or Ctrl-C
+    never leaves a half-written checkpoint in place of a good one."""
+    if rank() != 0:
+        return
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    obj.save_pretrained(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def require(cfg, stage):
+    """The folder a finished stage wrote. A stage that never finished here, or that was built from an
+    earlier stage run again since (forget_downstream), stops the run with what to do."""
+    path = os.path.join(cfg.out_dir, stage)
+    if stage not in load_summary(cfg) or not os.path.exists(path):
+        why = "is out of date (a stage it was built from ran again since)" if os.path.exists(path) else "not found"
+        raise UserError(f"{path} {why}: run `python rlhf.py --stage {stage} --out_dir {cfg.out_dir}` first "
+                        f"(or --stage all)")
+    return path
+
+
+def check_finite(loss, stage, step, cfg):
+    if not torch.isfinite(loss):
+        raise UserError(f"{stage} loss became {loss.item()} at step {step}; stopped without overwriting the last "
+                        f"good checkpoint in {cfg.out_dir}; try a lower learning rate")
+
+
+# -----------------------------------------------------------------------------
+# Processes and threads. `torchrun --nproc_per_node N rlhf.py ...` starts N copies of this script.
+# Each takes 1/N of every batch and DDP averages the gradients after each backward (the nanoGPT
+# convention: NCCL on GPUs, gloo on CPUs); rank 0 alone prints and writes files. One process:
+# every function below does nothing.
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(x):
+    """x summed over processes (a float or a tensor)."""
+    if world() == 1:
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dist.all_reduce(t)
+    return t.item() if t.dim() == 0 else t
+
+
+def share(n_local):
+    """This process's part of a global batch, times the number of processes: 1 with one process.
+    DDP averages gradients over processes; a loss that is a mean over this process's n_local items
+    (tokens or pairs), multiplied by share(n_local), makes that average the mean over all items.
+    Example: 2 processes with 30 and 10 tokens -> 1.5 and 0.5
+    """
+    return 1.0 if world() == 1 else world() * float(n_local) / all_sum(float(n_local))
+
+
+def ddp(model):
+    """model wrapped in DistributedDataParallel under torchrun, else model itself."""
+    if world() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model)
+
+
+def my_part(items):
+    """This process's part of a global batch: every world()-th item from rank(). Example: 2 processes, [a, b, c] -> [a, c], [b]"""
+    return items[rank()::world()]
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def pick_threads(cfg):
+    """Torch threads per process: --threads, else OMP_NUM_THREADS, else the cores that other work leaves free.
+    subtle: a thread per core on a busy machine makes every parallel op wait for a descheduled thread;
+    runs were 4-5x slower than with one thread."""
+    if cfg.threads:
+        return cfg.threads
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    free = cores - busy_cores()
+    return max(1, min(cores, round(free)) // world())
+
+
+def busy_cores(seconds=0.2):
+    """Cores' worth of work done by other processes right now, from /proc/stat (Linux; elsewhere 0)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+    try:
+        (a0, i0), _ = read(), time.sleep(seconds)
+        a1, i1 = read()
+    except OSError:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, a1 - a0))
+
+
+# -----------------------------------------------------------------------------
+# Data from a file: your own preference pairs instead of the simulated human
+#
+# Two shapes of JSON Lines rows, one pair per line:
+#   {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}   Anthropic HH-RLHF: whole transcripts;
+#       the prompt is the shared text up to and including the last "\n\nAssistant:"
+#   {"prompt": "...", "chosen": "...", "rejected": "..."}               most preference sets today
+# chosen / rejected may also be lists of chat messages ({"role", "content"}), as in TRL's conversational
+# datasets; they are written out as HH transcripts. The file feeds every stage: SFT on the chosen
+# responses (common practice when a set has no demonstrations), the reward model and the judge on
+# disjoint parts of the pairs, PPO on the prompts, and a held-out share of the prompts is kept out of all.
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def as_transcript(messages, where):
+    """Chat messages as an HH transcript. Example: [{'role': 'user', 'content': 'Hi'}] -> '\\n\\nHuman: Hi'"""
+    names = {"user": HUMAN, "assistant": ASSISTANT, "system": "\n\nSystem:"}
+    if not all(isinstance(m, dict) and m.get("role") in names and isinstance(m.get("content"), str) for m in messages):
+        raise UserError(f"{where}: a list of messages must hold {{'role': user/assistant/system, 'content': text}} items")
+    return "".join(f"{names[m['role']]} {m['content']}" for m in messages)
+
+
+def split_transcript(text, where):
+    """(prompt, response) of an HH transcript: the prompt ends with the last "\\n\\nAssistant:".
+    Example: '\\n\\nHuman: Hi\\n\\nAssistant: Hello' -> ('\\n\\nHuman: Hi\\n\\nAssistant:', ' Hello')"""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise UserError(f"{where}: a transcript with no {ASSISTANT!r}, so no response to learn from; rows without "
+                        f"a 'prompt' key must be HH-RLHF transcripts")
+    return text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
+
+
+def read_preference_file(path):
+    """Every pair in the file as {prompt, chosen, rejected}, or a one-line UserError naming the file and line."""
+    rows = []
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(parse_pair(line, f"{path}, line {n}"))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise UserError(f"--data {path}: cannot be read ({e}); it must be UTF-8 JSON Lines, or gzip of it (.gz)") from None
+    if not rows:
+        raise UserError(f"--data {path}: the file has no rows; it needs one JSON object per line")
+    return rows
+
+
+def parse_pair(line, where):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+    if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise UserError(f"{where}: a row needs the keys chosen and rejected (and prompt, unless they are HH-RLHF "
+                        f"transcripts); found {found}")
+    texts = {}
+    for key in ("prompt", "chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, list):
+            value = as_transcript(value, where)
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{where}: {key} must be text or a list of chat messages (got {type(value).__name__})")
+        texts[key] = value
+    if isinstance(row["chosen"], list) or texts["prompt"] is None:  # whole transcripts: split off the prompt
+        prompt, chosen = split_transcript(texts["chosen"], where)
+        prompt_r, rejected = split_transcript(texts["rejected"], where)
+        if prompt != prompt_r:
+            raise UserError(f"{where}: chosen and rejected have different prompts; the two transcripts must be the "
+                            f"same up to the last {ASSISTANT!r}")
+        return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+    return dict(prompt=texts["prompt"], chosen=texts["chosen"], rejected=texts["rejected"])
+
+
+def dataset_from_file(cfg):
+    """The file's pairs in the shape make_dataset gives: held-out prompts first, then the training pairs
+    split between the reward model and the judge. Returns (data, notes on what was dropped)."""
+    rng = random.Random(cfg.seed)
+    pairs = read_preference_file(cfg.data)
+    same = [r for r in pairs if r["chosen"].strip() == r["rejected"].strip()]
+    pairs = [r for r in pairs if r["chosen"].strip() != r["rejected"].strip()]
+    if not pairs:
+        raise UserError(f"--data {cfg.data}: every pair has chosen equal to rejected; there is no preference to learn")
+    # 1. split the distinct prompts: a held-out share is kept out of every stage
+    distinct = sorted({r["prompt"] for r in pairs})
+    rng.shuffle(distinct)
+    held = set(distinct[:max(1, round(cfg.heldout_frac * len(distinct)))])
+    if len(held) == len(distinct):
+        raise UserError(f"--data {cfg.data}: {len(distinct)} distinct prompt(s) are too few to hold some out; "
+                        f"lower --heldout_frac or add pairs")
+    prompts = [dict(prompt=p, family=None, split="heldout" if p in held else "train") for p in distinct]
+    train, heldout = [r for r in pairs if r["prompt"] not in held], [r for r in pairs if r["prompt"] in held]
+    rng.shuffle(train)
+    # 2. the reward model's pairs and the judge's: disjoint, in the ratio n_pref : n_judge if the file is short
+    n_rm = min(cfg.n_pref, max(1, round(len(train) * cfg.n_pref / (cfg.n_pref + cfg.n_judge))))
+    rm_pairs, judge_pairs = train[:n_rm], train[n_rm:n_rm + cfg.n_judge]
+    if not judge_pairs:
+        raise UserError(f"--data {cfg.data}: {len(train)} training pair(s) are too few to train a judge as well; add pairs")
+    # 3. SFT demonstrations: the chosen responses of the reward model's pairs
+    sft = lambda rows, n: [dict(prompt=r["prompt"], response=r["chosen"]) for r in rows if r["chosen"].strip()][:n]  # noqa: E731
+    data = dict(prompts=prompts, sft_train=sft(rm_pairs, cfg.n_sft), sft_heldout=sft(heldout, max(1, cfg.n_sft // 4)),
+                prefs_train=rm_pairs, prefs_judge=judge_pairs, prefs_heldout=heldout[:max(1, cfg.n_pref // 4)])
+    notes = [f"{len(same)} pair(s) dropped: chosen equal to rejected"] if same else []
+    if len(train) > n_rm + len(judge_pairs):
+        notes.append(f"{len(train) - n_rm - len(judge_pairs)} training pair(s) left unused (--n_pref {cfg.n_pref}, "
+                     f"--n_judge {cfg.n_judge})")
+    return data, notes
+
+
+# -----------------------------------------------------------------------------
+# Plots and printed samples
+
+def plot(path, title, curves, ylabel, twin=None, xlabel="step"):
+    """One line plot. curves: {label: (xs, ys)}; twin: optional (label, xs, ys) on a right axis.
+    A curve of fewer than 20 points gets markers, so that a single point still shows."""
+    if rank() != 0:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=4)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if twin:
+        ax2 = ax.twinx()
+        ax2.plot(twin[1], twin[2], color="gray", linestyle="--", label=twin[0])
+        ax2.set_ylabel(twin[0])
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    # the legend goes under the plot, where it covers no line
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rm(cfg, name, metrics, held_rows):
+    smooth = lambda ys, k=10: [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))]  # noqa: E731
+    steps, held_steps = [m["step"] for m in metrics], [m["step"] for m in held_rows]
+    curves = {"train accuracy (smoothed)": (steps, smooth([m["acc"] for m in metrics])),
+              "held-out acc vs labels": (held_steps, [m["heldout_acc_label"] for m in held_rows])}
+    if "heldout_acc_gold" in held_rows[0]:
+        curves["held-out acc vs gold"] = (held_steps, [m["heldout_acc_gold"] for m in held_rows])
+    plot(os.path.join(cfg.out_dir, f"{name}_curve.png"), f"{'Reward model' if name == 'rm' else 'Judge'} training",
+         curves, "accuracy", twin=("loss (smoothed)", steps, smooth([m["loss"] for m in metrics])))
+
+
+def plot_ppo(cfg, metrics):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    steps = [m["step"] for m in metrics]
+    col = lambda k: [m[k] for m in metrics]  # noqa: E731
+    reward_curves = {"RM score (normalised)": (steps, col("rm_score"))}
+    if "gold" in metrics[0]:
+        reward_curves["gold score (simulated human)"] = (steps, col("gold"))
+    plot(os.path.join(cfg.out_dir, "ppo_reward.png"), "PPO: reward model score vs the human's gold score"
+         if "gold" in metrics[0] else "PPO: reward model score", reward_curves, "score", xlabel="PPO step")
+    plot(os.path.join(cfg.out_dir, "ppo_kl.png"), "PPO: KL(π || π_ref) per response",
+         {"KL (nats)": (steps, col("kl"))}, "nats", twin=("β (KL coefficient)", steps, col("kl_coef")), xlabel="PPO step")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, (xs, ys) in reward_curves.items():
+        axes[0].plot(xs, ys, label=label.split(" (")[0])
+    axes[0].set(title="reward: RM vs simulated human" if "gold" in metrics[0] else "reward", xlabel="PPO step")
+    axes[1].plot(steps, col("kl"), label="KL to reference (nats)")
+    if cfg.adaptive_kl:
+        axes[1].axhline(cfg.kl_target, color="tab:red", linestyle=":", linewidth=1, label="KL target")
+    ax = axes[1].twinx()
+    ax.plot(steps, col("kl_coef"), color="gray", linestyle="--", label="β (right axis)")
+    ax.set_ylim(bottom=0)
+    axes[1].set(title=f"KL to π_ref (target {cfg.kl_target:g})" if cfg.adaptive_kl else f"KL to π_ref (β fixed at {cfg.kl_coef:g})",
+                xlabel="PPO step")
+    axes[2].plot(steps, col("entropy"), label="entropy (nats/token)")
+    axes[2].plot(steps, col("ended"), label="share of responses that end")
+    axes[2].set(title="policy health", xlabel="PPO step")
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [a.get_legend_handles_labels() for a in (axes[0], axes[1], ax, axes[2])]
+    for a, (h, lab) in zip(axes, [handles[0], (handles[1][0] + handles[2][0], handles[1][1] + handles[2][1]), handles[3]]):
+        a.legend(h, lab, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    fig.tight_layout()
+    if rank() == 0:
+        fig.savefig(os.path.join(cfg.out_dir, "overview.png"), dpi=100)
+    plt.close(fig)
+
+
+def print_samples(title, records):
+    print(title)
+    for r in records:
+        tag = f"{r['family']:8s} gold {r['gold']:+.1f}" if "gold" in r else f"{r['length']} tokens"
+        print(f"  [{tag}] {r['prompt'][-120:].strip()!r} -> {r['response'][:200]!r}")
+
+
+# -----------------------------------------------------------------------------
+# main: the stages in order, each one's figures into summary.json
 
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
