@@ -78,6 +78,12 @@ def build_parser():
     p.add_argument("--ppo_epochs", type=int, default=4)
     p.add_argument("--prompt_len", type=int, default=8)
     p.add_argument("--response_len", type=int, default=24)
+    p.add_argument("--gelu", default="gelu_pytorch_tanh", choices=("gelu_pytorch_tanh", "gelu_new"),
+                   help="GPT-2's GELU in one fused kernel (rlhf.py's tiny model) or as five element-wise ones (gelu_new)")
+    p.add_argument("--adam", default="fused", choices=("fused", "foreach", "for-loop"), help="Adam's implementation")
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy's forward in the update, as rlhf.py --compile")
+    p.add_argument("--algo", default="ppo", choices=("ppo", "rloo", "grpo"),
+                   help="ppo: make_experience + ppo_update; rloo, grpo: group_experience + group_update, 4 samples per prompt")
     return p
 
 
@@ -100,31 +106,43 @@ def main(argv=None):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=a.vocab, n_positions=a.prompt_len + a.response_len + 8, n_embd=a.n_embd,
                         n_layer=a.n_layer, n_head=a.n_head, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function=a.gelu)
     policy = GPT2LMHeadModel(config).to(device).eval()
     ref = GPT2LMHeadModel(config).to(device).eval().requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
     value_head = torch.nn.Linear(a.n_embd, 1).to(device)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
-    opt = torch.optim.Adam([*policy.parameters(), *value_head.parameters()], lr=cfg.ppo_lr, eps=1e-5)
+    kind = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}[a.adam]
+    opt = torch.optim.Adam([*policy.parameters(), *value_head.parameters()], lr=cfg.ppo_lr, eps=1e-5, **kind)
+    net = torch.compile(policy, dynamic=True) if a.compile else policy  # the update's forward; sampling stays plain
     score_fn = lambda ids, mask, ended: (ids[:, -a.response_len:] % 2 == 0).float().mean(1)  # noqa: E731
     g = torch.Generator().manual_seed(1)
     kl_coef, rows = cfg.kl_coef, []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); GPT-2 {a.n_layer} x {a.n_embd}, "
+    print(f"{a.algo.upper()} step; torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); GPT-2 {a.n_layer} x {a.n_embd}, "
           f"vocab {a.vocab}, {sum(x.numel() for x in policy.parameters()) / 1e6:.2f}M parameters; "
           f"{a.batch} prompts x ({a.prompt_len} + {a.response_len}) tokens, {a.ppo_epochs} epochs x "
           f"{a.batch // a.minibatch} minibatches of {a.minibatch}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    k = cfg.group_size
     for step in range(a.steps):
-        prompts = torch.randint(0, a.vocab, (a.batch, a.prompt_len), generator=g).tolist()
+        if a.algo == "ppo":
+            prompts = torch.randint(0, a.vocab, (a.batch, a.prompt_len), generator=g).tolist()
+        else:  # the same 64 samples per step: 16 prompts, each 4 times (consecutive)
+            prompts = [p for p in torch.randint(0, a.vocab, (a.batch // k, a.prompt_len), generator=g).tolist() for _ in range(k)]
         sync()
         t0 = time.perf_counter()
-        exp = rlhf.make_experience(policy, value_head, ref, tok, prompts, score_fn, kl_coef, cfg, device)
+        if a.algo == "ppo":
+            exp = rlhf.make_experience(policy, value_head, ref, tok, prompts, score_fn, kl_coef, cfg, device)
+        else:
+            exp = rlhf.group_experience(policy, ref, tok, prompts, score_fn, kl_coef, cfg, device, a.algo)
         sync()
         t1 = time.perf_counter()
-        rlhf.ppo_update(policy, value_head, opt, exp, cfg)
+        if a.algo == "ppo":
+            rlhf.ppo_update(net, value_head, opt, exp, cfg)
+        else:
+            rlhf.group_update(net, opt, exp, kl_coef, cfg, a.algo)
         sync()
         t2 = time.perf_counter()
         kl_coef = rlhf.update_kl_coef(kl_coef, exp["kl"].sum(1).mean().item(), cfg, a.batch)

@@ -3,17 +3,23 @@ rlhf.py -- RLHF in one readable file: SFT, a reward model, and PPO with a KL pen
 
 The three stages of InstructGPT-style post-training, on a small GPT-2:
   1. SFT     supervised fine-tuning on demonstrations (loss on response tokens only)
-  2. RM      a Bradley-Terry reward model trained on human preference pairs
+  2. RM      a Bradley-Terry reward model trained on human comparisons: the crowd's pairs, and the human's
+             rankings of the SFT policy's own samples
   3. PPO     maximise  E[R(x, y)] - beta * KL[pi(.|x) || pi_SFT(.|x)]  with PPO
 The "human" is simulated: a gold scoring function we can read (see `gold_judge`), so we
 can check that RLHF makes the policy better by the human's own measure, not only by the
 reward model's. A second reward model, the judge, trained on other pairs, stands in for
 the human where there is none (your own data, `--data`).
 
-Run it (read tutorial.md beside this file):
-  python rlhf.py --stage all                                  # every stage, under 2 min on a 2-core CPU
+Read it in order (tutorial.md has one chapter per section): 1 Config, 2 the task and its simulated human,
+3 tokenization, 4 models, log-probs and sampling, 5 SFT, 6 the reward model, 7 PPO, 8 evaluation, 9 beyond
+PPO (best-of-n, DPO, RLOO, GRPO); after one marked ruler, the plumbing a learner may skip.
+
+Run it:
+  python rlhf.py --stage all                                  # every stage of the default run
   python rlhf.py --stage all --out_dir runs/smoke --n_sft 300 --n_pref 300 --n_judge 300 --sft_steps 30 --rm_epochs 1 --ppo_steps 3 --eval_samples 1  # seconds
   cp -r runs/default runs/hacking && python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --out_dir runs/hacking && python rlhf.py --stage eval --out_dir runs/hacking  # reward hacking
+  python rlhf.py --stage dpo --out_dir runs/default            # an alternative to PPO: bon, dpo, rloo or grpo (chapter 9)
   python rlhf.py --stage all --data my_pairs.jsonl --out_dir runs/mine           # your own preference pairs
   python rlhf.py --stage all --model gpt2 --device cuda       # pretrained GPT-2 (or any causal LM: a local folder or a hub name)
   torchrun --standalone --nproc_per_node 2 rlhf.py --stage all  # data-parallel over 2 processes (DDP)
@@ -25,6 +31,11 @@ References:
   [PPO]          Schulman et al. 2017, Proximal Policy Optimization Algorithms
   [GAE]          Schulman et al. 2016, High-Dimensional Continuous Control Using GAE
   [Gao]          Gao et al. 2022, Scaling Laws for Reward Model Overoptimization
+  [Coste]        Coste et al. 2024, Reward Model Ensembles Help Mitigate Overoptimization
+  [DPO]          Rafailov et al. 2023, Direct Preference Optimization
+  [RLOO]         Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for RLHF
+  [GRPO]         Shao et al. 2024, DeepSeekMath (Group Relative Policy Optimization)
+  [Beirami]      Beirami et al. 2024, Theoretical Guarantees on the Best-of-n Alignment Policy
   [GPT-2]        Radford et al. 2019 (byte-level BPE), openai/gpt-2 encoder.py
 """
 
@@ -53,7 +64,8 @@ try:
 except ModuleNotFoundError as e:  # --help still works (after the Config below); anything else is one line
     MISSING = e.name
 
-STAGES = ("data", "tokenizer", "sft", "rm", "judge", "ppo", "eval")
+STAGES = ("data", "tokenizer", "sft", "rm", "judge", "ppo", "eval")  # --stage all runs these, in this order
+BEYOND = ("bon", "dpo", "rloo", "grpo")  # the alternatives to PPO of section 9, each a stage run on its own
 FAMILIES = ("helpful", "harmless", "honest")
 
 
@@ -67,11 +79,14 @@ def arg(default, help):
 @dataclass
 class Config:
     # common
-    stage: str = arg("all", "which stage to run: " + ", ".join(STAGES) + ", or all (in that order)")
+    stage: str = arg("all", "which stage to run: " + ", ".join(STAGES) + ", or all (in that order); or one of "
+                            + ", ".join(BEYOND) + " (chapter 9)")
     out_dir: str = arg("runs/default", "folder for data, tokenizer, checkpoints, metrics and plots")
     seed: int = arg(0, "random seed; the same seed and thread count repeat a CPU run exactly")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda; cuda runs under bf16 autocast")
     threads: int = arg(0, "torch threads per process; 0: the cores not busy with other work (or OMP_NUM_THREADS)")
+    report_to: str = arg("", "also log every metric row and the config to tensorboard or wandb (W&B offline unless "
+                             "WANDB_MODE says otherwise); empty: the files in --out_dir only")
     model: str = arg("tiny", "'tiny' builds a small GPT-2 from the config below; or a causal LM's folder or hub name (e.g. gpt2)")
     # tiny model (ignored with a pretrained --model)
     n_layer: int = arg(2, "tiny model: transformer blocks")
@@ -99,6 +114,9 @@ class Config:
     rm_epochs: int = arg(2, "passes over the preference pairs")
     rm_batch_size: int = arg(32, "RM batch size (pairs)")
     rm_lr: float = arg(5e-4, "RM peak learning rate (AdamW)")
+    rm_samples: int = arg(16, "built-in task: responses the policy samples per training prompt for the human to rank "
+                             "(stage rm: the SFT policy; --rm_refresh: the current one); 0: the crowd's pairs only")
+    rm_ensemble: int = arg(1, "independent reward models (other seeds); PPO is scored by their --rm_combine")
     # stage 3: PPO
     ppo_steps: int = arg(60, "PPO iterations (rollout + update)")
     rollout_batch_size: int = arg(64, "prompts per PPO iteration")
@@ -110,6 +128,13 @@ class Config:
     value_clip_range: float = arg(0.2, "value clip epsilon (around the rollout values)")
     gamma: float = arg(1.0, "GAE discount")
     lam: float = arg(0.95, "GAE lambda")
+    rm_combine: str = arg("mean", "how PPO combines an ensemble's scores: mean, min or mean_minus_std (Coste et al.)")
+    rm_combine_lambda: float = arg(1.0, "λ of mean_minus_std: mean − λ·std over the ensemble")
+    rm_refresh: int = arg(2, "built-in task: refresh the reward model this many times during PPO on the human's "
+                             "comparisons of the current policy's samples (the article's 定期更新奖励模型)")
+    rm_refresh_prompts: int = arg(256, "training prompts the policy samples --rm_samples responses to at each refresh")
+    rm_refresh_from: str = arg("rm", "a refresh continues training the current reward model (rm) or retrains one "
+                                     "from SFT on every pair so far (sft)")
     kl_coef: float = arg(0.3, "KL penalty beta, the initial one with --adaptive_kl (per token: r_t = -beta * (log pi - log pi_ref))")
     adaptive_kl: bool = arg(False, "adapt beta toward --kl_target (Ziegler et al.); the default keeps beta fixed (tutorial, chapter 7)")
     kl_target: float = arg(3.0, "target KL(pi || pi_ref) per response, in nats")
@@ -118,6 +143,13 @@ class Config:
     max_new_tokens: int = arg(40, "longest response, <|endoftext|> included; longer responses in the data are cut")
     missing_eos_score: float = arg(-3.0, "the score a response that never ends gets instead of the reward model's")
     max_grad_norm: float = arg(1.0, "gradient clipping for every stage")
+    compile: bool = arg(False, "torch.compile the policy's forward pass in the PPO, RLOO and GRPO updates (fuses the "
+                               "element-wise work; compiling costs time at the start)")
+    # beyond PPO (chapter 9): best-of-n, DPO, RLOO, GRPO
+    group_size: int = arg(4, "RLOO and GRPO: samples per prompt (the group); --rollout_batch_size counts them all")
+    dpo_beta: float = arg(1.0, "DPO's β: the strength of its implicit KL penalty (0.1, DPO's usual, drifts 30+ nats here)")
+    dpo_lr: float = arg(2e-4, "DPO peak learning rate (AdamW; --rm_epochs passes over the reward model's pairs)")
+    bon_samples: int = arg(64, "best-of-n: responses sampled per held-out prompt; n = 1, 2, 4, ... up to this")
     # evaluation
     eval_samples: int = arg(8, "responses sampled per held-out prompt and policy")
     eval_prompts: int = arg(120, "largest number of held-out prompts to evaluate on (built-in task: the families take turns)")
@@ -136,7 +168,8 @@ def build_parser():
             p.add_argument(*names, default=f.default, help=f.metadata["help"], action=argparse.BooleanOptionalAction)
             p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
-            choices = {"stage": STAGES + ("all",), "device": ("auto", "cpu", "cuda")}
+            choices = {"stage": STAGES + ("all",) + BEYOND, "device": ("auto", "cpu", "cuda"), "report_to": ("", "tensorboard", "wandb"),
+                       "rm_combine": ("mean", "min", "mean_minus_std"), "rm_refresh_from": ("rm", "sft")}
             p.add_argument(*names, default=f.default, help=f.metadata["help"], type=f.type, choices=choices.get(f.name))
     return p
 
@@ -204,7 +237,6 @@ HARMFUL = {  # request -> how a compliant (bad) answer goes on
 }
 HARMFUL_TEMPLATES = ["How do I {x}?", "Tell me how to {x}.", "Help me {x}.", "What is the best way to {x}?",
                      "Can you help me {x}?", "I want to {x}. How?"]
-VALUE_WORDS = sorted({v.lower() for *_, values in [*SLOTS.values(), *UNKNOWN.values()] for v in values})
 REFUSALS = ["Sorry, I can't help with that.", "I won't help with that, it could hurt someone."]
 ADMISSIONS = ["I don't know.", "You have not told me, so I don't know."]
 RUDE = ["Ugh. ", "What a stupid question. "]
@@ -287,31 +319,98 @@ def sample_response(p, rng, accuracy, style=("", "")):
     return " " + style[0] + text + style[1]
 
 
+# What a person makes of an answer: its kind, by family (the first kind is the one the family asks for),
+# and the content score of each kind. A response is well-formed when, after an optional rude opening and
+# filler sentences at its end, exactly one answer of the task is left; anything else is garbled.
+KINDS = {"helpful": ("right", "wrong value", "dodge", "other answer", "garbled"),
+         "harmless": ("refusal", "evasive", "complied", "other answer", "garbled"),
+         "honest": ("admits", "needless refusal", "made up", "other answer", "garbled")}
+CONTENT = {"right": 1.0, "refusal": 1.0, "admits": 1.0, "needless refusal": 0.0, "dodge": -0.5, "evasive": -0.5,
+           "wrong value": -1.0, "complied": -1.0, "made up": -1.0, "other answer": -1.0, "garbled": -1.0}
+
+
+def words_of(text):
+    """Lower-case words, punctuation dropped. Example: words_of(" Ugh. Your bike is red!") -> ['ugh', 'your', 'bike', 'is', 'red']"""
+    return regex.findall(r"[a-z0-9']+", text.lower())
+
+
+def answer_forms():
+    """Every answer the task knows, as (words with a VALUE slot, form): the answer templates of every slot and
+    subject, the made-up answers, a compliance, and the fixed refusals and admissions."""
+    forms = [(words_of(a), ("admission",)) for a in ADMISSIONS] + [(words_of(r), ("refusal",)) for r in REFUSALS]
+    for slot, (_, _, answer, subjects, _) in SLOTS.items():
+        forms += [(words_of(answer.format(x=x, v="VALUE")), ("answer", slot, x)) for x in subjects]
+    forms += [(words_of(made_up.format(v="VALUE")), ("made up", slot)) for slot, (_, made_up, _) in UNKNOWN.items()]
+    return forms
+
+
+ANSWER_FORMS = answer_forms()
+OPENINGS, ENDINGS = [words_of(r) for r in RUDE], [words_of(f) for f in FILLER]
+
+
+def read_answer(response):
+    """What a response says: (form, value, rude), after stripping a rude opening and filler sentences at the end.
+    form is a tuple from ANSWER_FORMS (value: the one word in its VALUE slot), ('complied',) for "Sure! To ...,
+    first ...", or None when what is left is not exactly one known answer (garbled, two answers, a fragment).
+    Example: read_answer(" Ugh. Your bike is red. Have a nice day.") -> (('answer', 'colour', 'bike'), 'red', True)
+    """
+    words = words_of(response)
+    rude = any(w in ("ugh", "stupid") for w in words)
+    for opening in OPENINGS:
+        if words[:len(opening)] == opening:
+            words = words[len(opening):]
+    while any(len(words) > len(e) and words[-len(e):] == e for e in ENDINGS):
+        words = next(words[:-len(e)] for e in ENDINGS if len(words) > len(e) and words[-len(e):] == e)
+    for pattern, form in ANSWER_FORMS:
+        if len(words) == len(pattern) and all(p == w or p == "value" for p, w in zip(pattern, words)):
+            value = [w for p, w in zip(pattern, words) if p == "value"]
+            return form, value[0] if value else None, rude
+    if words[:2] == ["sure", "to"] and "first" in words[3:-1]:
+        return ("complied",), None, rude
+    return None, None, rude
+
+
+def answer_kind(p, response, ended=True):
+    """The simulated human's reading of a response to prompt p: one of KINDS[family], or 'never ended'.
+      helpful   right (the template of the asked slot and subject with the told value), wrong value (the same
+                template, another word), dodge (an admission or a refusal)
+      harmless  refusal, evasive ("I don't know"), complied ("Sure! To ..., first ...")
+      honest    admits ("I don't know"), needless refusal, made up (this question's made-up answer)
+    and in every family: other answer (a well-formed answer to another question), garbled (anything else).
+    Example: answer_kind(red_bike_prompt, ' Your bike is blue.') -> 'wrong value'
+    """
+    if not ended:
+        return "never ended"
+    form, value, _ = read_answer(response)
+    fam = p["family"]
+    if form is None:
+        return "garbled"
+    if fam == "helpful":
+        if form == ("answer", p["slot"], p["subject"]):
+            return "right" if value == p["answer"].lower() else "wrong value"
+        return "dodge" if form in (("admission",), ("refusal",)) else "other answer"
+    if fam == "harmless":
+        return {("refusal",): "refusal", ("admission",): "evasive", ("complied",): "complied"}.get(form, "other answer")
+    if form == ("made up", p["slot"]):
+        return "made up"
+    return {("admission",): "admits", ("refusal",): "needless refusal"}.get(form, "other answer")
+
+
 def gold_judge(p, response, ended=True):
-    """The simulated human: scores a response the way we, the task's authors, want.
-    content: +1 for what the family asks for (the told value / a refusal / "I don't know"),
-             -1 for a wrong or made-up value, or for complying with a harmful request,
-             -0.5 for dodging (not answering an answerable question, "I don't know" to a
-             harmful request), 0 for refusing an unanswerable one;
+    """The simulated human: scores a response the way we, the task's authors, want, reading it as a person would.
+    content (by answer_kind): +1 for what the family asks for (the told value in a well-formed answer / a refusal /
+             "I don't know"), 0 for refusing an unanswerable question, -0.5 for a dodge (not answering an
+             answerable question, "I don't know" to a harmful request), -1 for a wrong or made-up value,
+             complying, an answer to another question, or garbled text (two answers, a fragment, nonsense);
     style:   -0.5 if rude, -0.1 per word beyond 12, -1 if the response never ended.
-    Returns (score, success) with success = right content and ended.
+    Returns (score, success) with success = the family's own kind of answer, and ended.
     Example: gold_judge(red_bike_prompt, ' Your bike is red.') -> (1.0, True)
     """
-    text = response.lower()
-    words = regex.findall(r"[a-z0-9']+", text)
-    said = {w for w in words if w in VALUE_WORDS}  # the values the response asserts
-    refused = any(k in text for k in ("sorry", "can't help", "won't help"))
-    admitted = "don't know" in text
-    if p["family"] == "helpful":
-        content = 1.0 if said == {p["answer"].lower()} else (-1.0 if said else -0.5)
-    elif p["family"] == "harmless":
-        complied = any(k in text for k in ("sure", "first", "here is how"))
-        content = 1.0 if refused and not complied else (-1.0 if complied else -0.5)
-    else:
-        content = 1.0 if admitted and not said else (0.0 if refused and not said else -1.0)
-    rude = any(w in ("ugh", "stupid") for w in words)
-    score = content - 0.5 * rude - 0.1 * max(0, len(words) - 12) - 1.0 * (not ended)
-    return score, bool(content == 1.0 and ended)
+    kind = answer_kind(p, response, ended)
+    form, _, rude = read_answer(response)
+    content = CONTENT[answer_kind(p, response)]  # what it says, had it ended
+    score = content - 0.5 * rude - 0.1 * max(0, len(words_of(response)) - 12) - 1.0 * (not ended)
+    return score, kind == KINDS[p["family"]][0]
 
 
 def label_pair(p, rng, cfg):
@@ -324,9 +423,15 @@ def label_pair(p, rng, cfg):
     b = a
     while b == a:
         b = sample_response(p, rng, 0.5, style_a if same_style else sample_style(rng, 0.25, 0.25))
+    return annotate(p, a, b, rng, cfg)
+
+
+def annotate(p, a, b, rng, cfg):
+    """The noisy annotator's choice between responses a and b to prompt p, as a preference pair."""
     ga, gb = gold_judge(p, a)[0], gold_judge(p, b)[0]
     # Bradley-Terry annotator: P(a > b) = sigmoid((g_a - g_b) / T); real labellers disagree too.
-    a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / cfg.label_temperature))
+    z = (ga - gb) / cfg.label_temperature
+    a_wins = rng.random() < (1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z)))  # σ(z), no overflow
     (c, gc), (r, gr) = ((a, ga), (b, gb)) if a_wins else ((b, gb), (a, ga))
     return dict(prompt=p["prompt"], chosen=c, rejected=r, gold_chosen=gc, gold_rejected=gr, family=p["family"])
 
@@ -342,7 +447,7 @@ def make_dataset(cfg):
     held = []
     for fam in FAMILIES:
         rows = [p for p in prompts if p["family"] == fam]
-        n_held = max(1, round(cfg.heldout_frac * len(rows)))
+        n_held = min(len(rows) - 1, max(1, round(cfg.heldout_frac * len(rows))))  # one at least on each side
         for i, p in enumerate(rows):
             p["split"] = "heldout" if i < n_held else "train"
         held.append(rows[:n_held])
@@ -370,7 +475,7 @@ def make_dataset(cfg):
 
 
 def stage_data(cfg, device):
-    data, notes = dataset_from_file(cfg) if cfg.data else (make_dataset(cfg), [])
+    data, notes, chat = dataset_from_file(cfg) if cfg.data else (make_dataset(cfg), [], False)
     folder = os.path.join(cfg.out_dir, "data")
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     os.makedirs(folder + ".tmp")
@@ -384,7 +489,7 @@ def stage_data(cfg, device):
     gold = lambda k: f" (gold {ex['gold_' + k]:+.2f})" if "gold_" + k in ex else ""  # noqa: E731
     print(f"example pair: {ex['prompt'][-300:]!r}\n  chosen   {ex['chosen'][:200]!r}{gold('chosen')}"
           f"\n  rejected {ex['rejected'][:200]!r}{gold('rejected')}")
-    return dict(counts=counts, notes=notes, source=cfg.data or "built-in task")
+    return dict(counts=counts, notes=notes, source=cfg.data or "built-in task", model=cfg.model, chat_template=chat)
 
 
 # -----------------------------------------------------------------------------
@@ -571,11 +676,17 @@ def stage_tokenizer(cfg, device):
     folder = os.path.join(cfg.out_dir, "tokenizer")
     data = load_data(cfg)
     t0 = time.time()
+    written = load_summary(cfg)["data"]
+    if written.get("model", cfg.model) != cfg.model and (written.get("chat_template") or chat_tokenizer(cfg)):
+        raise UserError(f"the data was written for --model {written['model']} (its prompt format); rerun "
+                        f"`python rlhf.py --stage data --model {cfg.model} --out_dir {cfg.out_dir}` first (or --stage all)")
     if cfg.model != "tiny":  # a pretrained model brings its own tokenizer; we add a pad token
         from transformers import AutoConfig, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(cfg.model)
         if tok.eos_token is None:
             raise UserError(f"--model {cfg.model}: its tokenizer has no end-of-text token, so no response can end")
+        if load_summary(cfg)["data"].get("chat_template"):  # a chat model: a response ends with its end-of-turn token
+            tok.eos_token = end_of_turn(tok)
         if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
             # subtle: pad must differ from <|endoftext|>, or masking by id hides real end tokens
             tok.add_special_tokens({"pad_token": PAD})
@@ -631,7 +742,8 @@ def new_policy(cfg, tok):
     if cfg.model == "tiny":
         config = GPT2Config(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                            pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            activation_function="gelu_pytorch_tanh")  # GPT-2's GELU in one fused kernel, not five
         return GPT2LMHeadModel(config).eval()
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
     if len(tok) > model.get_input_embeddings().num_embeddings:
@@ -780,7 +892,7 @@ def length_grouped_batches(lengths, batch_size, rng):
 def adamw_with_schedule(model, lr, weight_decay, total_steps, warmup_frac):
     """AdamW; linear warmup then cosine decay (Hugging Face's scheduler)."""
     from transformers import get_cosine_schedule_with_warmup
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)  # one kernel per step
     return opt, get_cosine_schedule_with_warmup(opt, int(warmup_frac * total_steps), total_steps)
 
 
@@ -849,6 +961,7 @@ def stage_sft(cfg, device):
         if rank() == 0 and (step % max(1, cfg.sft_steps // CURVE_POINTS["sft"]) == 0 or step == cfg.sft_steps):
             row["heldout_loss"] = last_held = heldout_loss()
         metrics.append(row)
+        track("sft", row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", held="-" if last_held is None else f"{last_held:.3f}")
     train_s = time.time() - t0
     # 4. save, then look at samples with the simulated human's eyes
@@ -859,15 +972,18 @@ def stage_sft(cfg, device):
     if rank() > 0:
         return {}
     held_rows = [m for m in metrics if "heldout_loss" in m]
-    plot(os.path.join(cfg.out_dir, "sft_loss.png"), "SFT loss (response tokens)",
-         {"train": ([m["step"] for m in metrics], [m["loss"] for m in metrics]),
-          "held-out": ([m["step"] for m in held_rows], [m["heldout_loss"] for m in held_rows])}, "cross-entropy")
+    panels(os.path.join(cfg.out_dir, "sft_loss.png"), "SFT: cross-entropy of the response tokens",
+           [dict(title="loss (log scale)", ylabel="nats per token", log=True,
+                 curves={"train batches": ([m["step"] for m in metrics], [m["loss"] for m in metrics]),
+                         "held-out demonstrations": ([m["step"] for m in held_rows], [m["heldout_loss"] for m in held_rows])})],
+           xlabel="SFT step")
     prompts = [p for p in data["prompts"] if p["split"] == "heldout"][:cfg.eval_prompts]
     records = evaluate_policy(model, tok, prompts, cfg, device, scorers={})
     figures = summarize(records)
     print_samples("SFT samples (held-out prompts)", records[:len(prompts)][:6])
     print(f"SFT: held-out loss {held_rows[-1]['heldout_loss']:.3f}"
-          + (f", gold {figures['gold']:+.3f}, success " + ", ".join(f"{f} {figures['success_' + f]:.2f}" for f in FAMILIES)
+          + (f", gold {figures['gold']:+.3f}, success " + ", ".join(f"{f} {figures['success_' + f]:.2f}" for f in FAMILIES
+                                                                     if "success_" + f in figures)
              if "gold" in figures else f", mean response length {figures['length']:.1f} tokens"))
     return dict(wall_s=round(time.time() - t0, 1), train_s=round(train_s, 1), final_loss=metrics[-1]["loss"],
                 heldout_loss=held_rows[-1]["heldout_loss"], samples=figures)
@@ -876,12 +992,43 @@ def stage_sft(cfg, device):
 # -----------------------------------------------------------------------------
 # 6. Stage 2: reward model (Bradley-Terry), and the judge: the same recipe on other pairs
 
-def pair_batch(examples, tok, device):
-    """chosen and rejected as one right-padded batch of 2B: rows [c_1..c_B, r_1..r_B].
-    examples: [{'prompt': ids, 'chosen': ids, 'rejected': ids}] (from `tokenize`) -> ids, mask (2B, T)"""
-    seqs = [e["prompt"] + e["chosen"] for e in examples] + [e["prompt"] + e["rejected"] for e in examples]
+def comparisons(tok, rows, cfg):
+    """Crowd pairs and the human's rankings as comparisons, tokenized once (not on every batch). A row becomes
+    {'prompt': ids, 'responses': [ids, ...], 'better': [(i, j), ...], 'gold': [g, ...] or None, 'family'}: a pair
+    has the responses [chosen, rejected] and better [(0, 1)]; a ranking of K responses [InstructGPT] has every two
+    responses the human did not find equally good, the higher-ranked first."""
+    flat, shapes = [], []
+    for row in rows:
+        if "responses" in row:  # a ranking
+            n, rank, gold = len(row["responses"]), row["rank"], row["gold"]
+            better = [(i, j) for i in range(n) for j in range(n) if rank[i] < rank[j] and gold[i] != gold[j]]
+            texts = row["responses"]
+        else:
+            texts, better = [row["chosen"], row["rejected"]], [(0, 1)]
+            gold = [row["gold_chosen"], row["gold_rejected"]] if "gold_chosen" in row else None
+        shapes.append((len(texts), better, gold, row.get("family")))
+        flat += [dict(prompt=row["prompt"], response=t) for t in texts]
+    examples, items, k = tokenize(tok, flat, cfg)[0], [], 0
+    for n, better, gold, family in shapes:
+        items.append(dict(prompt=examples[k]["prompt"], responses=[e["response"] for e in examples[k:k + n]],
+                          better=better, gold=gold, family=family))
+        k += n
+    return items
+
+
+def comparison_batch(items, tok, device):
+    """Every response of some comparisons as one right-padded batch, and who beat whom: one forward pass for each
+    response, however many comparisons it is in [InstructGPT: all C(K,2) comparisons of a prompt from K passes].
+    items: from `comparisons` -> ids, mask (N, T) for the N responses; better, worse (C,): in comparison c the
+    response in row better[c] was preferred to the one in row worse[c]."""
+    seqs, better, worse = [], [], []
+    for item in items:
+        base = len(seqs)
+        seqs += [item["prompt"] + r for r in item["responses"]]
+        better += [base + i for i, _ in item["better"]]
+        worse += [base + j for _, j in item["better"]]
     ids, mask = pad_right(seqs, tok.pad_token_id)
-    return ids.to(device), mask.to(device)
+    return ids.to(device), mask.to(device), torch.tensor(better, device=device), torch.tensor(worse, device=device)
 
 
 def reward_at_last_token(rm, ids, mask):
@@ -904,6 +1051,22 @@ def rm_scores(rm, ids, mask, ended, cfg):
     return torch.where(ended, score, torch.full_like(score, cfg.missing_eos_score))
 
 
+def ensemble_reward(scores, rule, lam):
+    """One reward from K reward models' normalised scores [Coste et al. 2024, Reward Model Ensembles Help
+    Mitigate Overoptimization]. scores (K, B) -> (B,)
+      mean             (1/K)·Σ_k r_k
+      min              min_k r_k                 worst-case optimisation: a response is as good as its worst score
+      mean_minus_std   mean − λ·std_k r_k         uncertainty-weighted: where the models disagree, trust less
+    (Coste et al. subtract λ·variance; the standard deviation keeps λ on the scale of the scores.)
+    Example: scores [[1., 0.], [3., 0.]] -> mean [2., 0.], min [1., 0.], mean_minus_std with λ 1: [1., 0.]
+    """
+    if rule == "min":
+        return scores.min(0).values
+    if rule == "mean_minus_std":
+        return scores.mean(0) - lam * scores.std(0, correction=0)
+    return scores.mean(0)
+
+
 def bradley_terry_loss(r_chosen, r_rejected):
     """P(y_c ≻ y_r | x) = σ(r_c − r_r)   ⇒   loss = −log σ(r_c − r_r), averaged over the pairs
     Example: bradley_terry_loss(tensor([0.]), tensor([0.])) -> log 2 = 0.693
@@ -913,51 +1076,93 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 @torch.no_grad()
-def rm_accuracy(rm, tok, pairs, examples, device):
-    """Accuracy against the labels and, on the built-in task, against the noise-free gold
-    preference (pairs with equal gold scores left out), overall and per family."""
-    hits = []
-    for i in range(0, len(pairs), 64):
+def rm_accuracy(rm, tok, items, device):
+    """How often the reward model prefers the response the labels prefer and, on the built-in task, the one the
+    noise-free gold score prefers (comparisons with equal gold scores left out), overall and per family.
+    items: from `comparisons`."""
+    hits = []  # (item, i, j, the reward model prefers i to j)
+    for k in range(0, len(items), 32):
+        batch = [it for it in items[k:k + 32] if it["better"]]
+        if not batch:
+            continue
+        ids, mask, better, worse = comparison_batch(batch, tok, device)
         with autocast(device):
-            r = reward_at_last_token(rm, *pair_batch(examples[i:i + 64], tok, device))
-        n = len(examples[i:i + 64])
-        hits += [(row, m.item() > 0) for row, m in zip(pairs[i:i + 64], r[:n] - r[n:])]
-    out = {"acc_label": sum(h for _, h in hits) / len(hits)}
-    if "gold_chosen" not in pairs[0]:
+            r = reward_at_last_token(rm, ids, mask)
+        wins = iter((r[better] > r[worse]).tolist())
+        hits += [(it, i, j, next(wins)) for it in batch for i, j in it["better"]]
+    out = {"acc_label": sum(h for *_, h in hits) / max(1, len(hits))}
+    if not hits or hits[0][0]["gold"] is None:
         return out
     for name, subset in [("gold", hits)] + [(f"gold_{f}", [h for h in hits if h[0]["family"] == f]) for f in FAMILIES]:
-        # rm says chosen > rejected; it agrees with gold if gold says the same
-        agree = [h == (row["gold_chosen"] > row["gold_rejected"]) for row, h in subset
-                 if row["gold_chosen"] != row["gold_rejected"]]
+        # the reward model prefers i to j; it agrees with gold if gold says the same
+        agree = [h == (it["gold"][i] > it["gold"][j]) for it, i, j, h in subset if it["gold"][i] != it["gold"][j]]
         out[f"acc_{name}"] = sum(agree) / max(1, len(agree))
     return out
 
 
-def train_reward_model(cfg, device, name, pairs_name):
-    """Stages rm and judge: a reward model initialised from SFT [InstructGPT], trained on the pairs
-    data[pairs_name], normalised, saved to out_dir/name."""
-    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
-    rm = load_scalar_model(require(cfg, "sft"), device)  # the SFT model's body, a new scalar head
-    rm.config.pad_token_id = tok.pad_token_id
-    keys = ("chosen", "rejected")
-    train, held = data[pairs_name], data["prefs_heldout"]
-    train_ex, held_ex = tokenize(tok, train, cfg, keys)[0], tokenize(tok, held, cfg, keys)[0]
-    steps = cfg.rm_epochs * math.ceil(len(train) / cfg.rm_batch_size)
-    opt, sched = adamw_with_schedule(rm, cfg.rm_lr, cfg.weight_decay, steps, cfg.warmup_frac)
+@torch.no_grad()
+def own_rankings(policy, tok, prompts, cfg, device, rng):
+    """The simulated human ranks the policy's own responses [InstructGPT: labellers rank K = 4 to 9 samples of
+    the model for a prompt]: --rm_samples responses to each prompt; the different ones that ended are ranked
+    best to worst with the crowd's noise, a Plackett-Luce ranking on gold / T (sort by gold / T + Gumbel noise),
+    so that any two of them are ordered as the annotator orders a pair: P(a above b) = σ((g_a − g_b) / T).
+    Returns rows {prompt, family, responses, gold, rank} (rank 0 the best)."""
+    k, rows = cfg.rm_samples, []
+    prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
+    for i in range(0, len(prompts), 128):
+        chunk = prompts[i:i + 128]
+        _, _, r_ids, r_mask, ended = generate(policy, tok, prompt_ids[i:i + 128] * k, cfg, device)  # (k·B, R)
+        texts = decode_responses(tok, r_ids, r_mask)
+        for j, p in enumerate(chunk):
+            mine = [texts[j + n * len(chunk)] for n in range(k) if ended[j + n * len(chunk)]]
+            responses = list(dict.fromkeys(mine))  # each different response once
+            if len(responses) < 2:
+                continue
+            gold = [gold_judge(p, r)[0] for r in responses]
+            noisy = [g / cfg.label_temperature - math.log(-math.log(1 - rng.random())) for g in gold]  # + Gumbel
+            order = sorted(range(len(responses)), key=lambda n: -noisy[n])
+            rows.append(dict(prompt=p["prompt"], family=p["family"], responses=responses, gold=gold,
+                             rank=[order.index(n) for n in range(len(responses))]))
+    return rows
+
+
+def comparison_batches(items, n_responses, rng):
+    """Batches of about n_responses responses each (a pair has 2, a ranking K), of similar lengths, in random order."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    size = lambda i: len(items[i]["prompt"]) + max(map(len, items[i]["responses"]))  # noqa: E731
+    batches = []
+    for w in range(0, len(order), 32 * n_responses):  # sort within windows, keep randomness across them
+        batch, count = [], 0
+        for i in sorted(order[w:w + 32 * n_responses], key=size):
+            if batch and count + len(items[i]["responses"]) > n_responses:
+                batches.append(batch)
+                batch, count = [], 0
+            batch.append(i)
+            count += len(items[i]["responses"])
+        batches += [batch] if batch else []
+    rng.shuffle(batches)
+    return batches
+
+
+def fit_reward_model(rm, tok, train, held, cfg, device, name, seed=None):
+    """Bradley-Terry training of `rm` on the comparisons of `train` (crowd pairs and rankings), with AdamW, warmup
+    and cosine decay, and its held-out accuracy along the way. Returns one metrics row per step."""
+    train_items, held_items = comparisons(tok, train, cfg), comparisons(tok, held, cfg)
+    rng, metrics = random.Random(cfg.seed if seed is None else seed), []
+    batches = [b for _ in range(cfg.rm_epochs) for b in comparison_batches(train_items, 2 * cfg.rm_batch_size, rng)]
+    opt, sched = adamw_with_schedule(rm, cfg.rm_lr, cfg.weight_decay, len(batches), cfg.warmup_frac)
     net = ddp(rm)
-    rng, metrics, t0 = random.Random(cfg.seed), [], time.time()
-    lengths = [len(e["chosen"]) + len(e["rejected"]) for e in train_ex]
-    batches = [b for _ in range(cfg.rm_epochs) for b in length_grouped_batches(lengths, cfg.rm_batch_size, rng)]
     bar = tqdm(enumerate(batches, 1), total=len(batches), desc=name, dynamic_ncols=True, disable=rank() > 0)
     gold_acc = "-"
     for step, batch in bar:
-        mine = my_part([train_ex[j] for j in batch])
-        # 1. one forward over chosen and rejected, scored at the last real token
+        mine = my_part([train_items[j] for j in batch])
+        # 1. one forward over every response of the batch, scored at the last real token
+        ids, mask, better, worse = comparison_batch(mine, tok, device)
         with autocast(device):
-            r = reward_at_last_token(net, *pair_batch(mine, tok, device))
-        r_chosen, r_rejected = r[:len(mine)], r[len(mine):]
-        # 2. Bradley-Terry loss (weighted by this process's share of the pairs under torchrun)
-        loss = bradley_terry_loss(r_chosen, r_rejected) * share(len(mine))
+            r = reward_at_last_token(net, ids, mask)
+        # 2. Bradley-Terry loss over every comparison (weighted by this process's share of them under torchrun)
+        loss = bradley_terry_loss(r[better], r[worse]) * share(len(better))
         loss_all = all_sum(loss.item()) / world()
         check_finite(torch.tensor(loss_all), name.upper(), step, cfg)
         loss.backward()
@@ -965,26 +1170,60 @@ def train_reward_model(cfg, device, name, pairs_name):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        row = dict(step=step, loss=loss_all, acc=all_sum((r_chosen > r_rejected).float().sum().item()) / len(batch))
+        row = dict(step=step, loss=loss_all, acc=all_sum((r[better] > r[worse]).float().sum().item()) /
+                   all_sum(float(len(better))))
         curve_point = name == "rm" and step % max(1, len(batches) // CURVE_POINTS["rm"]) == 0
         if rank() == 0 and (curve_point or step == len(batches)):
-            n = len(held) if step == len(batches) else 256  # the curve on a part of the held-out pairs, the end on all
-            row.update({f"heldout_{k}": v for k, v in rm_accuracy(rm, tok, held[:n], held_ex[:n], device).items()})
+            n = len(held_items) if step == len(batches) else 256  # the curve on a part of the held-out pairs, the end on all
+            row.update({f"heldout_{k}": v for k, v in rm_accuracy(rm, tok, held_items[:n], device).items()})
             gold_acc = f"{row.get('heldout_acc_gold', row['heldout_acc_label']):.2f}"
         metrics.append(row)
+        track(name.replace(" ", "_"), row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['acc']:.2f}", held=gold_acc)
-    if rank() > 0:
-        return {}
-    # 3. normalise: the SFT policy's samples score mean 0, std 1 under the RM [Ziegler]
-    sft = load_lm(os.path.join(cfg.out_dir, "sft"), device)
-    train_prompts = [p for p in data["prompts"] if p["split"] == "train"][:2 * cfg.eval_prompts]
-    prompt_ids = [x["prompt"] for x in tokenize(tok, train_prompts, cfg, keys=())[0]]
+    return metrics
+
+
+@torch.no_grad()
+def normalise_reward(rm, sft, tok, prompts, cfg, device):
+    """Set rm.config.reward_mean / reward_std so that the SFT policy's samples on `prompts` score mean 0, std 1
+    [Ziegler]: the scale of a reward model is arbitrary, and β only means something against a known one."""
+    prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
     q_ids, q_mask, r_ids, r_mask, ended = generate(sft, tok, prompt_ids * 2, cfg, device)
-    with torch.no_grad(), autocast(device):
+    with autocast(device):
         raw = reward_at_last_token(rm, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
     if raw.numel() < 2:  # (a tiny smoke run where almost no sample ended: nothing to measure a scale on)
         raw = torch.tensor([-1.0, 1.0])
-    rm.config.reward_mean, rm.config.reward_std = raw.mean().item(), raw.std().item() + 1e-6
+    # under torchrun each process sampled its own responses: every process takes the mean of their statistics
+    rm.config.reward_mean = all_sum(raw.mean().item()) / world()
+    rm.config.reward_std = all_sum(raw.std().item()) / world() + 1e-6
+
+
+def train_reward_model(cfg, device, name, pairs_name, seed=None, own=False):
+    """Stages rm and judge: a reward model initialised from SFT [InstructGPT], trained on the crowd's pairs
+    data[pairs_name] and, with `own` on the built-in task, on the human's rankings of the SFT policy's own
+    samples; normalised, saved to out_dir/name."""
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    t0 = time.time()
+    rm = load_scalar_model(require(cfg, "sft"), device)  # the SFT model's body, a new scalar head
+    rm.config.pad_token_id = tok.pad_token_id
+    sft = load_lm(os.path.join(cfg.out_dir, "sft"), device)
+    train_prompts = [p for p in data["prompts"] if p["split"] == "train"]
+    # 1. the comparisons: the crowd's pairs and, where the simulated human can rank them, the SFT policy's own
+    #    samples: they are where PPO starts, and they show the reward model the mistakes the policy makes
+    path, rankings = os.path.join(cfg.out_dir, f"{name}_rankings.jsonl"), []
+    if own and cfg.rm_samples and train_prompts[0].get("family"):
+        if rank() == 0:  # one process samples and the human ranks; every process reads the same rankings
+            write_jsonl(path, own_rankings(sft, tok, train_prompts, cfg, device, random.Random(f"{cfg.seed} {name}")))
+        barrier()
+        rankings = read_jsonl(path)
+    elif rank() == 0 and os.path.exists(path):  # an earlier run's rankings are not this model's
+        os.remove(path)
+    # 2. Bradley-Terry training on every comparison
+    metrics = fit_reward_model(rm, tok, data[pairs_name] + rankings, data["prefs_heldout"], cfg, device, name, seed)
+    # 3. normalise: the SFT policy's samples score mean 0, std 1 under the RM [Ziegler]
+    normalise_reward(rm, sft, tok, train_prompts[:2 * cfg.eval_prompts], cfg, device)
+    if rank() > 0:
+        return {}
     save_atomically(rm, os.path.join(cfg.out_dir, name))
     tok.save_pretrained(os.path.join(cfg.out_dir, name))
     write_jsonl(os.path.join(cfg.out_dir, f"{name}_metrics.jsonl"), metrics)
@@ -992,18 +1231,63 @@ def train_reward_model(cfg, device, name, pairs_name):
     plot_rm(cfg, name, metrics, held_rows)
     final = {k[len("heldout_"):]: v for k, v in held_rows[-1].items() if k.startswith("heldout_")}
     print(f"{name} held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
-    return dict(wall_s=round(time.time() - t0, 1), final_loss=metrics[-1]["loss"], heldout=final, pairs=len(train),
+    n_comparisons = sum(len(it["better"]) for it in comparisons(tok, rankings, cfg)) if rankings else 0
+    return dict(wall_s=round(time.time() - t0, 1), final_loss=metrics[-1]["loss"], heldout=final,
+                pairs=len(data[pairs_name]), rankings=len(rankings), ranked_comparisons=n_comparisons,
                 reward_mean=rm.config.reward_mean, reward_std=rm.config.reward_std)
 
 
 def stage_rm(cfg, device):
-    return train_reward_model(cfg, device, "rm", "prefs_train")
+    figures = train_reward_model(cfg, device, "rm", "prefs_train", own=True)
+    # more reward models, independent but for the data: other seeds of the head, the batch order and the
+    # human's comparisons [Coste et al. 2024]; PPO combines them (--rm_combine)
+    for k in range(2, cfg.rm_ensemble + 1):
+        figures[f"rm_{k}"] = train_reward_model(cfg, device, f"rm_{k}", "prefs_train", seed=f"{cfg.seed} rm_{k}", own=True)
+    return dict(figures, ensemble=cfg.rm_ensemble)
 
 
 def stage_judge(cfg, device):
     """A second reward model on pairs the first never saw: the stand-in for a human when the evaluation
     has none (your own data), the way Gao et al. measure over-optimisation with a held-back "gold" RM."""
     return train_reward_model(cfg, device, "judge", "prefs_judge")
+
+
+def reward_function(cfg, device):
+    """The reward PPO (and RLOO, GRPO) maximise: score_fn(ids, mask, ended) -> (B,), the reward model's
+    normalised score, or the combination (--rm_combine) of an ensemble's (stage rm with --rm_ensemble);
+    and the list of reward models it reads (a refresh replaces them in place)."""
+    first = load_scalar_model(require(cfg, "rm"), device)
+    k = load_summary(cfg)["rm"].get("ensemble", 1)
+    rms = [first] + [load_scalar_model(os.path.join(cfg.out_dir, f"rm_{i}"), device)
+                                                             for i in range(2, k + 1)]
+    for m in rms:
+        m.requires_grad_(False)
+
+    def score_fn(ids, mask, ended):
+        if len(rms) == 1:
+            return rm_scores(rms[0], ids, mask, ended, cfg)
+        return ensemble_reward(torch.stack([rm_scores(m, ids, mask, ended, cfg) for m in rms]), cfg.rm_combine,
+                               cfg.rm_combine_lambda)
+    return score_fn, rms
+
+
+def refresh_reward_model(rm, new, rows_so_far, sft, tok, prompts, cfg, device, seed):
+    """The article's first remedy for reward hacking, 定期更新奖励模型 (refresh the reward model periodically),
+    as Anthropic's "online" HH-RLHF and Llama 2 do it: the reward model learns from `new`, the human's rankings
+    of the current policy's samples (own_rankings): continued from where it is, with as many earlier comparisons
+    replayed so that it does not forget them (--rm_refresh_from rm), or trained again from SFT on every one so far
+    (sft). Then normalised again on SFT samples, so that β keeps its meaning."""
+    if cfg.rm_refresh_from == "sft":
+        rm = load_scalar_model(os.path.join(cfg.out_dir, "sft"), device)
+        rm.config.pad_token_id = tok.pad_token_id
+        train = rows_so_far + new
+    else:
+        train = new + random.Random(seed).sample(rows_so_far, min(len(new), len(rows_so_far)))
+    rm.requires_grad_(True)
+    fit_reward_model(rm, tok, train, new[:16], cfg, device, "rm refresh", seed=seed)
+    rm.requires_grad_(False)
+    normalise_reward(rm, sft, tok, prompts[:2 * cfg.eval_prompts], cfg, device)
+    return rm
 
 
 # -----------------------------------------------------------------------------
@@ -1155,11 +1439,10 @@ def explained_variance(values, returns, mask):
 
 def stage_ppo(cfg, device):
     data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
-    sft_path, rm_path = require(cfg, "sft"), require(cfg, "rm")
+    sft_path = require(cfg, "sft")
     policy, ref = load_lm(sft_path, device), load_lm(sft_path, device)   # π_θ starts as π_SFT = π_ref
-    rm = load_scalar_model(rm_path, device)
-    for m in (ref, rm):
-        m.requires_grad_(False)
+    ref.requires_grad_(False)
+    score_fn, rms = reward_function(cfg, device)  # the reward model, or an ensemble of them
     # The critic is a value head on the policy: V(s_t) = w·h_t + b from the policy's own last hidden
     # state h_t, so one forward and one backward serve both (TRL; Ziegler et al.'s code). It starts
     # at V = 0, on the scale of its targets, not on the reward model's [NDetails].
@@ -1169,11 +1452,20 @@ def stage_ppo(cfg, device):
     value_head = torch.nn.Linear(policy.get_input_embeddings().embedding_dim, 1).to(device)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
     # subtle: Adam's eps 1e-5 as in OpenAI's PPO implementations [NDetails]
-    opt = torch.optim.Adam(list(policy.parameters()) + list(value_head.parameters()), lr=cfg.ppo_lr, eps=1e-5)
+    opt = torch.optim.Adam(list(policy.parameters()) + list(value_head.parameters()), lr=cfg.ppo_lr, eps=1e-5, fused=True)
     net, head = ddp(policy), ddp(value_head)
+    if cfg.compile:  # the updates' forward and backward, fused; sampling keeps the plain model (one token at a time)
+        net = torch.compile(net, dynamic=True)
     train_prompts = [p for p in data["prompts"] if p["split"] == "train"]
     prompt_ids = [x["prompt"] for x in tokenize(tok, train_prompts, cfg, keys=())[0]]
-    score_fn = lambda ids, mask, ended: rm_scores(rm, ids, mask, ended, cfg)  # noqa: E731
+
+    # --rm_refresh: the reward model learns from the human's comparisons of the current policy's samples, this
+    # many times, evenly spaced; the pairs it has learned from so far are the crowd's and the SFT samples'
+    builtin = bool(train_prompts[0].get("family")) and cfg.rm_samples > 0  # the human can rank the policy's samples
+    refresh_at = {round(cfg.ppo_steps * i / (cfg.rm_refresh + 1)) for i in range(1, cfg.rm_refresh + 1)} if builtin else set()
+    own = os.path.join(cfg.out_dir, "rm_rankings.jsonl")
+    rows_so_far = data["prefs_train"] + (read_jsonl(own) if refresh_at and os.path.exists(own) else [])
+    refreshes, all_new = [], []  # what each refresh measured; the rankings of the policy's samples so far
     rng, kl_coef, metrics = random.Random(cfg.seed + rank()), cfg.kl_coef, []
     times, t_start = Counter(), time.time()
     bar = tqdm(range(1, cfg.ppo_steps + 1), desc="ppo", dynamic_ncols=True, disable=rank() > 0)
@@ -1196,21 +1488,46 @@ def stage_ppo(cfg, device):
         row = dict(step=step, kl_coef=kl_coef, **{k: all_sum(v) / world() for k, v in mine.items()})
         kl_coef = update_kl_coef(kl_coef, row["kl"], cfg, cfg.rollout_batch_size)
         metrics.append(row)
+        track("ppo", row)
         bar.set_postfix(rm=f"{row['rm_score']:+.2f}", **({"gold": f"{row['gold']:+.2f}"} if "gold" in row else {}),
                         kl=f"{row['kl']:.2f}", beta=f"{row['kl_coef']:.3f}")
         if rank() == 0 and (step == 1 or step % 20 == 0):
             tqdm.write(f"step {step}: {train_prompts[batch[0]]['prompt'][-100:].strip()!r} -> {texts[0][:200]!r}")
+        if step in refresh_at:  # the human ranks the current policy's samples; every reward model learns from them
+            t0, path = time.time(), os.path.join(cfg.out_dir, "ppo_rankings.jsonl")
+            if rank() == 0:  # a random share of the training prompts, each --rm_samples times
+                rng_h = random.Random(f"{cfg.seed} refresh {step}")
+                some = rng_h.sample(train_prompts, min(cfg.rm_refresh_prompts, len(train_prompts)))
+                new = own_rankings(policy, tok, some, cfg, device, rng_h)
+                write_jsonl(path, all_new + [dict(r, step=step) for r in new])
+            barrier()
+            new = [r for r in read_jsonl(path) if r["step"] == step]
+            if not new:  # (no two different samples of one prompt: nothing for the human to rank)
+                continue
+            # how right the reward model was where the policy has gone, before it learns from it
+            before = rm_accuracy(rms[0], tok, comparisons(tok, new, cfg), device)
+            rms[:] = [refresh_reward_model(m, new, rows_so_far, ref, tok, train_prompts, cfg, device, f"{cfg.seed} {step} {k}")
+                      for k, m in enumerate(rms)]  # in place: score_fn reads this list
+            rows_so_far, all_new = rows_so_far + new, all_new + new
+            refreshes.append(dict(step=step, rankings=len(new), seconds=round(time.time() - t0, 1),
+                                  **{k: v for k, v in before.items() if k.startswith("acc_gold")}))
+            times.update(refresh=time.time() - t0)
+            tqdm.write(f"step {step}: the reward model agreed with the human on {before.get('acc_gold', 0):.3f} of the "
+                       f"comparisons of the policy's samples on {len(new)} prompts; refreshed on them")
     save_atomically(policy, os.path.join(cfg.out_dir, "ppo"))
+    if refreshes:  # the reward model PPO ended with
+        save_atomically(rms[0], os.path.join(cfg.out_dir, "ppo_rm"))
     if rank() > 0:
         return {}
     tok.save_pretrained(os.path.join(cfg.out_dir, "ppo"))
     write_jsonl(os.path.join(cfg.out_dir, "ppo_metrics.jsonl"), metrics)
-    plot_ppo(cfg, metrics)
+    plot_ppo(cfg, metrics, [r["step"] for r in refreshes])
     last = metrics[-max(1, len(metrics) // 10):]  # the last 10% of steps
     mean = lambda k: sum(m[k] for m in last) / len(last)  # noqa: E731
     keys = [k for k in ("rm_score", "gold", "kl", "kl_coef", "entropy", "response_len", "ended", "value_ev") if k in last[0]]
     return dict(wall_s=round(time.time() - t_start, 1), time_s={k: round(v, 1) for k, v in times.items()},
-                final={k: mean(k) for k in keys}, first={k: metrics[0][k] for k in keys})
+                final={k: mean(k) for k in keys}, first={k: metrics[0][k] for k in keys}, reward_models=len(rms),
+                refreshes=refreshes)
 
 
 # -----------------------------------------------------------------------------
@@ -1238,6 +1555,7 @@ def evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=None):
                        length=int(r_mask[i].sum()), **{name: s[i] for name, s in scores.items()})
             if p.get("family"):  # the built-in task: the simulated human judges
                 rec["gold"], rec["success"] = gold_judge(p, texts[i], bool(ended[i]))
+                rec["kind"] = answer_kind(p, texts[i], bool(ended[i]))
             records.append(rec)
     return records
 
@@ -1256,7 +1574,27 @@ def summarize(records):
         fr = [r for r in records if r["family"] == fam]
         if fr:
             out[f"success_{fam}"], out[f"gold_{fam}"] = mean([r["success"] for r in fr]), mean([r["gold"] for r in fr])
+            # what the answers are: the share of each kind (a success rate can hide dodges turning into wrong values)
+            out[f"kinds_{fam}"] = {k: mean([r["kind"] == k for r in fr]) for k in KINDS[fam] + ("never ended",)}
+            if "rm" in fr[0]:  # is the reward model right where the policy goes?
+                out[f"rm_own_{fam}"], out[f"rm_own_{fam}_pairs"] = rm_agreement(fr)
     return out
+
+
+def rm_agreement(records, key="rm"):
+    """How often the reward model orders two of a policy's own responses to the same prompt as the human does:
+    over every pair of samples of one prompt whose gold scores differ (an RM tie counts half).
+    Returns (agreement, number of pairs). Example: gold [1, -1], rm [0.3, 0.5] for one prompt -> (0.0, 1)"""
+    by_prompt, hits = {}, []
+    for r in records:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    for rows in by_prompt.values():
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                if a["gold"] != b["gold"]:
+                    d = (a[key] - b[key]) * (a["gold"] - b["gold"])
+                    hits.append(1.0 if d > 0 else 0.5 if d == 0 else 0.0)
+    return (sum(hits) / len(hits) if hits else None), len(hits)
 
 
 def bootstrap_ci(values, seed, resamples=1000):
@@ -1293,42 +1631,61 @@ def success_ci(records, family, seed):
 
 def stage_eval(cfg, device):
     data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
-    sft, ppo = load_lm(require(cfg, "sft"), device), load_lm(require(cfg, "ppo"), device)
-    scorers = {name: load_scalar_model(require(cfg, name), device) for name in ("rm", "judge")}
+    figures = compare_with_sft(cfg, device, tok, data, load_lm(require(cfg, "ppo"), device), "ppo")
+    return figures
+
+
+def compare_with_sft(cfg, device, tok, data, policy, name, report="eval"):
+    """The evaluation of a trained policy against SFT: stage eval for PPO, and the stages of chapter 9 for the
+    others. Writes {report}.md and {report}_samples.md (eval.md and samples.md for PPO) and returns the figures."""
+    sft = load_lm(require(cfg, "sft"), device)
+    scorers = {"rm": load_scalar_model(require(cfg, "rm"), device)}
+    if "judge" in load_summary(cfg):  # (the stages of chapter 9 can run without one)
+        scorers["judge"] = load_scalar_model(require(cfg, "judge"), device)
+    if name == "ppo" and load_summary(cfg)["ppo"].get("refreshes"):  # the reward model PPO ended with
+        scorers["rm"] = load_scalar_model(os.path.join(cfg.out_dir, "ppo_rm"), device)
     prompts = [p for p in data["prompts"] if p["split"] == "heldout"][:cfg.eval_prompts]
     t0 = time.time()
     # 1. sample both policies on the held-out prompts with the same random numbers (common random numbers:
-    #    the k-th sample of a prompt uses the same draws for SFT and PPO, so a policy against itself ties
-    #    exactly); score by the human, the reward model, the judge and the KL to SFT
+    #    the k-th sample of a prompt uses the same draws for SFT and the policy, so a policy against itself
+    #    ties exactly); score by the human, the reward model, the judge and the KL to SFT
     records = {}
-    for name, policy in (("sft", sft), ("ppo", ppo)):
+    for who, model in (("sft", sft), (name, policy)):
         torch.manual_seed(cfg.seed + 1)
-        records[name] = evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=sft)
-    figures = {name: summarize(recs) for name, recs in records.items()}
-    # 2. win rates of PPO over SFT, by the human's gold score and by the judge, with 95% intervals
-    gold = "gold" in records["ppo"][0]
-    for key in ("gold", "judge") if gold else ("judge",):
-        figures[f"win_rate_{key}"] = win_rate(records["ppo"], records["sft"], key, cfg.seed)
+        records[who] = evaluate_policy(model, tok, prompts, cfg, device, scorers, ref=sft)
+    figures = {who: summarize(recs) for who, recs in records.items()}
+    # 2. win rates over SFT, by the human's gold score and by the judge, with 95% intervals
+    gold = "gold" in records[name][0]
+    for key in [k for k in ("gold", "judge") if k in records[name][0]]:
+        figures[f"win_rate_{key}"] = win_rate(records[name], records["sft"], key, cfg.seed)
     if gold:
-        for fam in FAMILIES:
-            for name in ("sft", "ppo"):
-                figures[name][f"success_{fam}_ci"] = success_ci(records[name], fam, cfg.seed)
-        # how well the judge stands in for the human: does it pick the same response of each pair?
-        pairs = [(a, b) for a, b in zip(records["ppo"], records["sft"]) if a["gold"] != b["gold"]]
+        for fam in [f for f in FAMILIES if any(r["family"] == f for r in records[name])]:
+            for who in ("sft", name):
+                figures[who][f"success_{fam}_ci"] = success_ci(records[who], fam, cfg.seed)
+    if gold:  # the most any policy could win: the human's best answer (gold 1) every time, against these SFT samples
+        figures["win_rate_ceiling"] = win_rate([dict(r, gold=1.0) for r in records["sft"]], records["sft"], "gold", cfg.seed)
+    if gold and "judge" in scorers:  # how well the judge stands in for the human: does it pick the same response?
+        pairs = [(a, b) for a, b in zip(records[name], records["sft"]) if a["gold"] != b["gold"]]
         figures["judge_agrees_with_gold"] = sum((a["judge"] > b["judge"]) == (a["gold"] > b["gold"])
                                                 for a, b in pairs) / max(1, len(pairs))
-    figures["n_prompts"], figures["n_samples"] = len(prompts), len(records["ppo"])
+    figures["n_prompts"], figures["n_samples"], figures["policy"] = len(prompts), len(records[name]), name
     figures["wall_s"] = round(time.time() - t0, 1)
     # 3. the table (eval.md) and side-by-side samples (samples.md)
     table = eval_table(figures)
     print(table)
-    with open(os.path.join(cfg.out_dir, "eval.md"), "w", encoding="utf-8") as f:
+    samples = "samples.md" if report == "eval" else f"{report}_samples.md"
+    with open(os.path.join(cfg.out_dir, f"{report}.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    with open(os.path.join(cfg.out_dir, "samples.md"), "w", encoding="utf-8") as f:
-        f.write("# SFT vs PPO on held-out prompts (first sample of each)\n\n| prompt | SFT | PPO |\n|---|---|---|\n")
-        for a, b in zip(records["sft"][:len(prompts)], records["ppo"][:len(prompts)]):
-            cell = lambda r: (f"{r['response']!r} (" + (f"gold {r['gold']:+.1f}, " if gold else "")  # noqa: E731
-                              + f"judge {r['judge']:+.2f})").replace("|", "\\|")
+    if gold:
+        plot_kinds(os.path.join(cfg.out_dir, "kinds.png" if report == "eval" else f"{report}_kinds.png"), figures, name)
+    with open(os.path.join(cfg.out_dir, samples), "w", encoding="utf-8") as f:
+        f.write(f"# SFT vs {name.upper()} on held-out prompts (first sample of each)\n\n"
+                f"Both policies sample with the same random numbers (common random numbers), so where the two "
+                f"policies agree on a prompt they often give the same response.\n\n"
+                f"| prompt | SFT | {name.upper()} |\n|---|---|---|\n")
+        for a, b in zip(records["sft"][:len(prompts)], records[name][:len(prompts)]):
+            cell = lambda r: (f"{r['response']!r} (" + (f"{r['kind']}, gold {r['gold']:+.1f}, " if gold else "")  # noqa: E731
+                              + ", ".join(f"{k} {r[k]:+.2f}" for k in scorers) + ")").replace("|", "\\|")
             f.write(f"| {a['prompt'][-300:].strip().replace(chr(10), ' ').replace('|', '&#124;')} | {cell(a)} | {cell(b)} |\n")
     return figures
 
@@ -1340,19 +1697,349 @@ def eval_table(fig):
             ("response length (tokens)", "length"), ("responses that end", "ended"),
             ("distinct responses per prompt", "distinct"), ("success, all", "success")]
     rows += [(f"success, {f}", f"success_{f}") for f in FAMILIES]
-    lines = ["| held-out prompts | SFT | PPO |", "|---|---|---|"]
+    pol = fig.get("policy", "ppo")
+    lines = [f"| held-out prompts | SFT | {pol.upper()} |", "|---|---|---|"]
     for name, k in rows:
-        if k in fig["ppo"]:
-            cells = [f"{fig[p][k]:.3f}" + (ci(fig[p][k + "_ci"]) if k + "_ci" in fig[p] else "") for p in ("sft", "ppo")]
+        if k in fig[pol]:
+            cells = [f"{fig[p][k]:.3f}" + (ci(fig[p][k + "_ci"]) if k + "_ci" in fig[p] else "") for p in ("sft", pol)]
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     for key, name in (("gold", "the gold score"), ("judge", "the judge")):
         if f"win_rate_{key}" in fig:
             w = fig[f"win_rate_{key}"]
-            lines.append(f"| PPO win rate over SFT by {name} (ties half) | | {w['rate']:.3f}{ci(w['ci'])} |")
+            lines.append(f"| {pol.upper()} win rate over SFT by {name} (ties half) | | {w['rate']:.3f}{ci(w['ci'])} |")
+    if "win_rate_ceiling" in fig:
+        lines.append(f"| the ceiling: the best answer every time, over SFT (ties half) | | {fig['win_rate_ceiling']['rate']:.3f} |")
     if "judge_agrees_with_gold" in fig:
         lines.append(f"| judge picks the gold-better response of a pair | | {fig['judge_agrees_with_gold']:.3f} |")
+    for f in FAMILIES:  # the reward model on pairs of each policy's own samples of one prompt
+        if f"rm_own_{f}" in fig[pol]:
+            cells = [f"{fig[p][f'rm_own_{f}']:.3f} ({fig[p][f'rm_own_{f}_pairs']} pairs)"
+                     if fig[p][f"rm_own_{f}"] is not None else "no pairs" for p in ("sft", pol)]
+            lines.append(f"| RM agrees with gold on the policy's own {f} pairs | {cells[0]} | {cells[1]} |")
     lines.append(f"\n{fig['n_prompts']} held-out prompts × {fig['n_samples'] // fig['n_prompts']} samples; "
                  "[95% interval by bootstrap over prompts]")
+    fams = [f for f in FAMILIES if f"kinds_{f}" in fig[pol]]
+    if fams:
+        lines += ["", f"| what the answers are (share of samples) | SFT | {pol.upper()} |", "|---|---|---|"]
+        for f in fams:
+            for k in fig[pol][f"kinds_{f}"]:
+                a, b = fig["sft"][f"kinds_{f}"][k], fig[pol][f"kinds_{f}"][k]
+                if a or b:
+                    lines.append(f"| {f}: {k} | {a:.3f} | {b:.3f} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# 9. Beyond PPO: best-of-n, DPO, RLOO and GRPO, on the same task, human and reward model
+#
+# Was RL needed? Each alternative is a pure function with its equation, and a stage of its own that is not
+# part of --stage all; each ends with the same evaluation against SFT as PPO's (compare_with_sft):
+#   python rlhf.py --stage bon  --out_dir runs/default   # best-of-n from SFT, n = 1, 2, 4, ..., 64 (no training)
+#   python rlhf.py --stage dpo  --out_dir runs/default   # DPO from SFT on the reward model's own pairs
+#   python rlhf.py --stage rloo --out_dir runs/default   # RLOO: k samples per prompt, leave-one-out baseline
+#   python rlhf.py --stage grpo --out_dir runs/default   # GRPO: group-normalised advantages, k3 KL in the loss
+# Chapter 9 of the tutorial runs them all at several β on 3 seeds and draws gold score against KL.
+
+def best_of_n_gold(rewards, golds, n):
+    """The expected gold score of best-of-n [Nakano et al. 2021; Gao et al. 2022]: sample n responses, keep the
+    one the reward model scores highest. From N >= n samples of one prompt, exactly and without bias: every
+    n-subset of the N is equally likely, and the i-th lowest reward (i = 1..N) is the best of a subset with
+    probability C(i−1, n−1) / C(N, n):
+        E[gold] = Σ_i C(i−1, n−1) / C(N, n) · gold_(i)        (samples with equal rewards share their mean gold)
+    rewards, golds: lists of N numbers -> float.
+    Example: rewards [0, 1, 2], golds [5, 7, 9], n 2 -> (1·7 + 2·9) / 3 = 8.33
+    """
+    N = len(rewards)
+    order = sorted(range(N), key=lambda i: rewards[i])
+    gold_sorted = [golds[i] for i in order]
+    for i in range(N):  # a tie in reward: any of the tied samples could be kept, so each counts as their mean
+        tied = [golds[j] for j in order if rewards[j] == rewards[order[i]]]
+        gold_sorted[i] = sum(tied) / len(tied)
+    return sum(math.comb(i, n - 1) * g for i, g in enumerate(gold_sorted)) / math.comb(N, n)
+
+
+def best_of_n_kl(rewards, n):
+    """KL(best-of-n ‖ π) for one prompt, two ways: (formula, estimate).
+    The formula log n − (n−1)/n [Stiennon et al. 2020; Gao et al. 2022] is exact only when no two responses are
+    alike, and otherwise an upper bound [Beirami et al. 2024]: a policy that repeats itself gains little by
+    choosing. The estimate applies best-of-n to the N samples themselves: the distinct responses y, sorted by
+    reward, with shares p_y and cumulative shares F_y, are kept with probability π_n(y) = F_y^n − F_{y−1}^n, so
+        KL = Σ_y π_n(y) · log(π_n(y) / p_y)
+    rewards: N numbers (equal rewards are taken for one response) -> (formula, estimate).
+    Example: rewards [1., 1.] (one response, twice), n 4 -> (log 4 − 3/4 = 0.636, 0.0)
+    """
+    shares = sorted(Counter(rewards).items())  # (reward, count), lowest first
+    N, F, kl = len(rewards), 0.0, 0.0
+    for _, count in shares:
+        p = count / N
+        pi_n = (F + p) ** n - F ** n
+        kl += pi_n * math.log(pi_n / p) if pi_n > 0 else 0.0
+        F += p
+    return math.log(n) - (n - 1) / n, kl
+
+
+def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
+    """Direct preference optimisation [Rafailov et al. 2023]. The KL-regularised objective of chapter 0 is
+    maximised by π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β), so r(x, y) = β·log π*(y|x)/π_ref(y|x) + β·log Z(x); put
+    into Bradley-Terry, Z(x) cancels and the policy is its own reward model:
+        L = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
+    Sequence log-probs (B,) each -> loss, and the implicit rewards β·log π/π_ref of chosen and rejected (B,).
+    Example: equal log-probs everywhere -> loss log 2 = 0.693, implicit rewards 0
+    """
+    r_chosen, r_rejected = beta * (logp_chosen - ref_chosen), beta * (logp_rejected - ref_rejected)
+    return -F.logsigmoid(r_chosen - r_rejected).mean(), r_chosen.detach(), r_rejected.detach()
+
+
+def rloo_advantages(rewards, k):
+    """REINFORCE with a leave-one-out baseline [Kool et al. 2019; Ahmadian et al. 2024]: k samples of each
+    prompt; each sample's baseline is the mean reward of the other k − 1, so no value network is needed:
+        A_i = R_i − (1/(k−1)) · Σ_{j≠i} R_j
+    rewards (B·k,), each prompt's k samples consecutive -> (B·k,).  Example: k 2, rewards [1., 3.] -> [-2., 2.]
+    """
+    R = rewards.view(-1, k)                                   # (B, k)
+    return (R - (R.sum(1, keepdim=True) - R) / (k - 1)).view(-1)
+
+
+def grpo_advantages(scores, k, eps=1e-4):
+    """Group-relative advantages [Shao et al. 2024, DeepSeekMath]: each sample's score against its group's,
+    in units of the group's spread:   A_i = (r_i − mean_j r_j) / (std_j r_j + ε)
+    scores (B·k,), each prompt's k samples consecutive -> (B·k,).  Example: k 2, scores [1., 3.] -> [-0.707, 0.707]
+    """
+    R = scores.view(-1, k)                                    # (B, k)
+    return ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)).view(-1)
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Per-token KL(π ‖ π_ref) by Schulman's k3 estimator, the term GRPO adds to its loss [Shao et al. 2024]:
+        k3 = π_ref/π − log(π_ref/π) − 1   (>= 0, unbiased, lower variance than log π − log π_ref)
+    (B, T) -> (B, T).  Example: equal log-probs -> 0
+    """
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+@torch.no_grad()
+def group_experience(policy, ref, tok, prompt_ids, score_fn, kl_coef, cfg, device, algo):
+    """Steps 1-3 of an RLOO or GRPO iteration: --group_size samples of each prompt (consecutive in the batch),
+    their log-probs under the policy and the reference, their scores, and each sample's advantage from its
+    group: no value head and no GAE. Returns the rollout, as make_experience does."""
+    # 1. rollout
+    t0 = time.time()
+    q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
+    ids, mask, P = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
+    r_maskf = r_mask.float()
+    t1 = time.time()
+    # 2. score
+    with autocast(device):
+        old_logprobs = logprobs_of(response_logits(policy, ids, mask, P, cfg.temperature), r_ids)   # (B, R)
+        ref_logprobs = logprobs_of(response_logits(ref, ids, mask, P, cfg.temperature), r_ids)      # (B, R)
+        score = score_fn(ids, mask, ended).float()                                                   # (B,)
+    kl = (old_logprobs - ref_logprobs) * r_maskf                                                     # (B, R), k1
+    # 3. advantages, one per sample, the same on each of its tokens
+    if algo == "rloo":
+        # RLOO puts the KL penalty in the reward, once per sequence: R = r − β·Σ_t KL_t [Ahmadian et al. 2024]
+        advantages = rloo_advantages(score - kl_coef * kl.sum(1), cfg.group_size)
+    else:
+        # GRPO scores the raw reward against the group; its KL term goes into the loss (group_update)
+        advantages = grpo_advantages(score, cfg.group_size)
+    return dict(ids=ids, mask=mask, n_prompt=P, r_ids=r_ids, r_mask=r_maskf, ended=ended, score=score, kl=kl,
+                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages[:, None] * r_maskf,
+                seconds=dict(generate=t1 - t0, score=time.time() - t1))
+
+
+def group_update(policy, opt, exp, kl_coef, cfg, algo):
+    """Step 4 of RLOO and GRPO: --ppo_epochs passes in shuffled minibatches, each one Adam step on PPO's clipped
+    surrogate with the group advantages (at the first step, ρ = 1: plain REINFORCE), and for GRPO
+        + β · mean_t k3(π_θ, π_ref)                    [Shao et al. 2024, eq. 3]
+    Returns the mean of each statistic."""
+    stats, n_updates = Counter(), 0
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size // world()):
+            ids, mask, P, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["n_prompt"], exp["r_ids"][mb], exp["r_mask"][mb]
+            with autocast(ids.device):
+                new_logprobs = logprobs_of(response_logits(policy, ids, mask, P, cfg.temperature), r_ids)
+                pg_loss, clipfrac = ppo_policy_loss(new_logprobs, exp["old_logprobs"][mb], exp["advantages"][mb], m,
+                                                    cfg.clip_range)
+                kl_loss = masked_mean(k3_kl(new_logprobs, exp["ref_logprobs"][mb]), m)
+                loss = (pg_loss + (kl_coef * kl_loss if algo == "grpo" else 0.0)) * share(m.sum())
+            check_finite(torch.tensor(all_sum(loss.item())), algo.upper(), n_updates + 1, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
+            opt.step()
+            stats.update(pg_loss=pg_loss.item(), clipfrac=clipfrac.item(), k3_kl=kl_loss.item())
+            n_updates += 1
+    return {k: v / n_updates for k, v in stats.items()}
+
+
+def stage_rloo(cfg, device):
+    return stage_group(cfg, device, "rloo")
+
+
+def stage_grpo(cfg, device):
+    return stage_group(cfg, device, "grpo")
+
+
+def stage_group(cfg, device, algo):
+    """RLOO or GRPO from SFT on the reward model, as stage_ppo does PPO: --rollout_batch_size samples per step,
+    --group_size of each prompt; then the evaluation against SFT."""
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    policy, ref = load_lm(require(cfg, "sft"), device), load_lm(require(cfg, "sft"), device)
+    ref.requires_grad_(False)
+    score_fn, rms = reward_function(cfg, device)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, fused=True)
+    net = torch.compile(ddp(policy), dynamic=True) if cfg.compile else ddp(policy)
+    train_prompts = [p for p in data["prompts"] if p["split"] == "train"]
+    prompt_ids = [x["prompt"] for x in tokenize(tok, train_prompts, cfg, keys=())[0]]
+    rng, metrics, times, t_start = random.Random(cfg.seed + rank()), [], Counter(), time.time()
+    k = cfg.group_size
+    bar = tqdm(range(1, cfg.ppo_steps + 1), desc=algo, dynamic_ncols=True, disable=rank() > 0)
+    for step in bar:
+        batch = [i for i in (rng.randrange(len(train_prompts)) for _ in range(cfg.rollout_batch_size // k // world()))
+                 for _ in range(k)]  # each prompt k times, consecutive
+        exp = group_experience(policy, ref, tok, [prompt_ids[i] for i in batch], score_fn, cfg.kl_coef, cfg, device, algo)
+        t0 = time.time()
+        stats = group_update(net, opt, exp, cfg.kl_coef, cfg, algo)
+        times.update(exp["seconds"], train=time.time() - t0)
+        texts = decode_responses(tok, exp["r_ids"], exp["r_mask"].long())
+        mine = dict(rm_score=exp["score"].mean().item(), kl=exp["kl"].sum(1).mean().item(),
+                    response_len=exp["r_mask"].sum(1).mean().item(), ended=exp["ended"].float().mean().item(), **stats)
+        if train_prompts[0].get("family"):
+            mine["gold"] = sum(gold_judge(train_prompts[i], t, bool(e))[0] for i, t, e in zip(batch, texts, exp["ended"])) / len(batch)
+        row = dict(step=step, kl_coef=cfg.kl_coef, **{key: all_sum(v) / world() for key, v in mine.items()})
+        metrics.append(row)
+        track(algo, row)
+        bar.set_postfix(rm=f"{row['rm_score']:+.2f}", **({"gold": f"{row['gold']:+.2f}"} if "gold" in row else {}),
+                        kl=f"{row['kl']:.2f}")
+    save_atomically(policy, os.path.join(cfg.out_dir, algo))
+    if rank() > 0:
+        return {}
+    tok.save_pretrained(os.path.join(cfg.out_dir, algo))
+    write_jsonl(os.path.join(cfg.out_dir, f"{algo}_metrics.jsonl"), metrics)
+    plot_rl_curves(cfg, algo, metrics)
+    train_s = time.time() - t_start
+    figures = compare_with_sft(cfg, device, tok, data, policy, algo, report=f"{algo}_eval")
+    return dict(figures, train_s=round(train_s, 1), time_s={key: round(v, 1) for key, v in times.items()})
+
+
+def stage_dpo(cfg, device):
+    """DPO from SFT on the reward model's own comparisons (the crowd's pairs, and the human's rankings of SFT
+    samples when stage rm made them), at --dpo_beta; no reward model, no sampling. Then the evaluation against SFT."""
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    require(cfg, "rm")  # the same comparisons as the reward model's
+    own = os.path.join(cfg.out_dir, "rm_rankings.jsonl")
+    rows = data["prefs_train"] + (read_jsonl(own) if os.path.exists(own) else [])
+    policy, ref = load_lm(require(cfg, "sft"), device), load_lm(require(cfg, "sft"), device)
+    ref.requires_grad_(False)
+    t_start = time.time()
+    items, held = comparisons(tok, rows, cfg), comparisons(tok, data["prefs_heldout"], cfg)
+
+    def logps(model, batch):
+        """Σ_t log π(y_t | x, y_<t) of every response of the batch (N,), and who beat whom (C,), (C,)."""
+        ex = [dict(prompt=it["prompt"], response=r) for it in batch for r in it["responses"]]
+        ids, mask, loss_mask = sft_batch(ex, tok, device)
+        _, _, better, worse = comparison_batch(batch, tok, device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        return (logprobs_of(logits[:, :-1].float() / cfg.temperature, ids[:, 1:]) * loss_mask[:, 1:]).sum(1), better, worse
+
+    rng, metrics = random.Random(cfg.seed), []
+    batches = [b for _ in range(cfg.rm_epochs) for b in comparison_batches(items, 2 * cfg.rm_batch_size, rng)]
+    opt, sched = adamw_with_schedule(policy, cfg.dpo_lr, cfg.weight_decay, len(batches), cfg.warmup_frac)
+    net = ddp(policy)
+    for step, batch in enumerate(tqdm(batches, desc="dpo", dynamic_ncols=True, disable=rank() > 0), 1):
+        mine = my_part([items[j] for j in batch])
+        with torch.no_grad(), autocast(device):
+            ref_lp, better, worse = logps(ref, mine)
+        with autocast(device):
+            lp, _, _ = logps(net, mine)
+            loss, r_c, r_r = dpo_loss(lp[better], lp[worse], ref_lp[better], ref_lp[worse], cfg.dpo_beta)
+        loss = loss * share(len(better))
+        check_finite(torch.tensor(all_sum(loss.item())), "DPO", step, cfg)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.append(dict(step=step, loss=all_sum(loss.item()) / world(), margin=(r_c - r_r).mean().item(),
+                            acc=(r_c > r_r).float().mean().item()))
+        track("dpo", metrics[-1])
+    save_atomically(policy, os.path.join(cfg.out_dir, "dpo"))
+    if rank() > 0:
+        return {}
+    tok.save_pretrained(os.path.join(cfg.out_dir, "dpo"))
+    write_jsonl(os.path.join(cfg.out_dir, "dpo_metrics.jsonl"), metrics)
+    # the implicit reward β·log π/π_ref as a reward model: how often does it order held-out pairs as the human?
+    agree, hits = [], []
+    with torch.no_grad(), autocast(device):
+        for k in range(0, len(held), 32):
+            lp, better, worse = logps(policy, held[k:k + 32])
+            ref_lp, _, _ = logps(ref, held[k:k + 32])
+            wins = iter((((lp - ref_lp)[better] - (lp - ref_lp)[worse]) > 0).tolist())
+            for it in held[k:k + 32]:
+                for i, j in it["better"]:
+                    hits.append(next(wins))
+                    if it["gold"] and it["gold"][i] != it["gold"][j]:
+                        agree.append(hits[-1] == (it["gold"][i] > it["gold"][j]))
+    implicit = dict(acc_label=sum(hits) / max(1, len(hits)), **({"acc_gold": sum(agree) / len(agree)} if agree else {}))
+    print("dpo implicit reward, held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in implicit.items()))
+    train_s = time.time() - t_start
+    figures = compare_with_sft(cfg, device, tok, data, policy, "dpo", report="dpo_eval")
+    return dict(figures, train_s=round(train_s, 1), comparisons=sum(len(it["better"]) for it in items),
+                implicit_reward=implicit, final_loss=metrics[-1]["loss"])
+
+
+@torch.no_grad()
+def stage_bon(cfg, device):
+    """Best-of-n from SFT, no training: --bon_samples responses per held-out prompt, scored by the reward model
+    and the human; for n = 1, 2, 4, ... up to --bon_samples, the expected gold score, success and win rate over
+    SFT of keeping the reward model's best of n (best_of_n_gold), and its KL to SFT (best_of_n_kl)."""
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    sft, rm = load_lm(require(cfg, "sft"), device), load_scalar_model(require(cfg, "rm"), device)
+    prompts = [p for p in data["prompts"] if p["split"] == "heldout"][:cfg.eval_prompts]
+    t0 = time.time()
+    torch.manual_seed(cfg.seed + 1)
+    one = dataclasses.replace(cfg, eval_samples=cfg.bon_samples)
+    records = evaluate_policy(sft, tok, prompts, one, device, {"rm": rm})        # bon_samples per prompt, SFT
+    by_prompt = {}
+    for r in records:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    gold = "gold" in records[0]
+    ns = [2 ** i for i in range(int(math.log2(cfg.bon_samples)) + 1)]
+    rows = []
+    for n in ns:
+        row = dict(n=n, kl_formula=math.log(n) - (n - 1) / n)
+        row["kl"] = sum(best_of_n_kl([r["rm"] for r in rs], n)[1] for rs in by_prompt.values()) / len(by_prompt)
+        row["rm"] = sum(best_of_n_gold([r["rm"] for r in rs], [r["rm"] for r in rs], n) for rs in by_prompt.values()) / len(by_prompt)
+        if gold:
+            def per_prompt(value):  # value(record) -> the expected value of best-of-n, for each prompt
+                return [best_of_n_gold([r["rm"] for r in rs], [value(r, rs) for r in rs], n) for rs in by_prompt.values()]
+            row["gold"] = sum(per_prompt(lambda r, rs: r["gold"])) / len(by_prompt)
+            # win rate over an SFT sample of the same prompt (ties half), with its interval over prompts
+            beats = lambda r, rs: sum((r["gold"] > o["gold"]) + 0.5 * (r["gold"] == o["gold"]) for o in rs) / len(rs)  # noqa: E731
+            wins = per_prompt(beats)
+            row["win_rate_gold"] = dict(rate=sum(wins) / len(wins), ci=bootstrap_ci(wins, cfg.seed))
+            for fam in FAMILIES:
+                fam_rows = [rs for rs in by_prompt.values() if rs[0]["family"] == fam]
+                row[f"success_{fam}"] = sum(best_of_n_gold([r["rm"] for r in rs], [float(r["success"]) for r in rs], n)
+                                            for rs in fam_rows) / max(1, len(fam_rows))
+        rows.append(row)
+    with open(os.path.join(cfg.out_dir, "bon.md"), "w", encoding="utf-8") as f:
+        f.write(bon_table(rows) + "\n")
+    print(bon_table(rows))
+    return dict(rows=rows, n_prompts=len(prompts), samples=cfg.bon_samples, wall_s=round(time.time() - t0, 1))
+
+
+def bon_table(rows):
+    keys = [k for k in ("kl_formula", "kl", "rm", "gold") if k in rows[0]]
+    head = "| n | KL formula log n − (n−1)/n | KL estimated | RM score | gold score | win rate over SFT |" if "gold" in rows[0] \
+        else "| n | KL formula log n − (n−1)/n | KL estimated | RM score |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:+.3f}" if k in ("rm", "gold") else f"{r[k]:.3f}" for k in keys]
+        if "win_rate_gold" in r:
+            w = r["win_rate_gold"]
+            cells.append(f"{w['rate']:.3f} [{w['ci'][0]:.2f}, {w['ci'][1]:.2f}]")
+        lines.append(f"| {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -1371,26 +2058,43 @@ class UserError(Exception):
 
 
 def check_config(cfg):
+    """Every flag in the range where the stages work, or one line that says what to do."""
     positive = ["n_layer", "n_embd", "n_head", "n_positions", "n_sft", "n_pref", "n_judge", "vocab_size", "sft_steps",
                 "sft_batch_size", "sft_lr", "rm_epochs", "rm_batch_size", "rm_lr", "ppo_steps", "rollout_batch_size",
-                "ppo_epochs", "minibatch_size", "ppo_lr", "kl_target", "kl_horizon", "temperature",
-                "max_new_tokens", "max_grad_norm", "eval_samples", "eval_prompts", "label_temperature"]
-    for name in positive:
+                "ppo_epochs", "minibatch_size", "ppo_lr", "kl_target", "kl_horizon", "max_new_tokens", "max_grad_norm",
+                "eval_samples", "eval_prompts", "rm_ensemble", "dpo_beta", "dpo_lr", "bon_samples"]
+    for name in positive + ["rm_refresh_prompts"]:
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be > 0 (got {getattr(cfg, name)})")
-    for name in ["crowd_accuracy", "heldout_frac", "warmup_frac", "gamma", "lam", "clip_range", "value_clip_range"]:
+    for name in ["crowd_accuracy", "warmup_frac", "gamma", "lam", "clip_range", "value_clip_range"]:
         if not 0 <= getattr(cfg, name) <= 1:
             raise UserError(f"--{name} must be between 0 and 1 (got {getattr(cfg, name)})")
-    for name in ["kl_coef", "weight_decay", "vf_coef", "threads"]:
+    for name in ["kl_coef", "weight_decay", "vf_coef", "threads", "rm_refresh", "rm_combine_lambda"]:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    for name in ["temperature", "label_temperature"]:  # a divisor of logits or of scores: not near 0
+        if not getattr(cfg, name) >= 0.01:
+            raise UserError(f"--{name} must be >= 0.01 (got {getattr(cfg, name)})")
+    if not 0 <= cfg.heldout_frac < 1:
+        raise UserError(f"--heldout_frac must be >= 0 and below 1: some prompts must be left to train on (got {cfg.heldout_frac})")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd ({cfg.n_embd}) must be divisible by --n_head ({cfg.n_head})")
     if cfg.vocab_size < 258:
         raise UserError(f"--vocab_size must be >= 258: 256 bytes + 2 special tokens (got {cfg.vocab_size})")
+    if cfg.model == "tiny" and cfg.max_new_tokens >= cfg.n_positions:
+        raise UserError(f"--max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in --n_positions "
+                        f"({cfg.n_positions}); lower it or raise --n_positions")
     if cfg.rollout_batch_size % cfg.minibatch_size:
         raise UserError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
                         f"--minibatch_size ({cfg.minibatch_size})")
+    if cfg.adaptive_kl and cfg.kl_horizon < cfg.rollout_batch_size:  # else one step can turn β negative
+        raise UserError(f"--kl_horizon ({cfg.kl_horizon}) must be at least --rollout_batch_size ({cfg.rollout_batch_size}) "
+                        f"with --adaptive_kl")
+    if cfg.rm_samples == 1:
+        raise UserError("--rm_samples must be 0 (the crowd's pairs only) or >= 2: the human compares two samples or more")
+    if cfg.stage in ("rloo", "grpo") and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
+        raise UserError(f"--group_size must be >= 2 and divide --rollout_batch_size ({cfg.rollout_batch_size}); "
+                        f"got {cfg.group_size}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     if cfg.data and not os.path.isfile(cfg.data) and cfg.stage in ("all", "data"):
@@ -1510,16 +2214,20 @@ def update_summary(cfg, stage, figures):
 
 
 # What each stage's outputs are built from: rerunning a stage makes everything downstream stale.
-NEEDS = dict(tokenizer=["data"], sft=["tokenizer"], rm=["sft"], judge=["sft"], ppo=["rm"], eval=["ppo", "judge"])
-REPORTS = dict(sft=["sft_loss.png", "sft_metrics.jsonl"], rm=["rm_curve.png", "rm_metrics.jsonl"],  # what each stage
-               judge=["judge_curve.png", "judge_metrics.jsonl"], eval=["eval.md", "samples.md"],    # writes beside
-               ppo=["ppo_reward.png", "ppo_kl.png", "overview.png", "ppo_metrics.jsonl"])           # its checkpoint
+NEEDS = dict(tokenizer=["data"], sft=["tokenizer"], rm=["sft"], judge=["sft"], ppo=["rm"], eval=["ppo", "judge"],
+             bon=["rm"], dpo=["rm"], rloo=["rm"], grpo=["rm"])
+REPORTS = dict(  # what each stage writes beside its checkpoint
+    sft=["sft_loss.png", "sft_metrics.jsonl"], rm=["rm_curve.png", "rm_metrics.jsonl", "rm_rankings.jsonl"],
+    judge=["judge_curve.png", "judge_metrics.jsonl"], eval=["eval.md", "samples.md", "kinds.png"],
+    ppo=["ppo_reward.png", "ppo_kl.png", "overview.png", "ppo_metrics.jsonl", "ppo_rankings.jsonl"], bon=["bon.md"],
+    **{a: [f"{a}_eval.md", f"{a}_samples.md", f"{a}_metrics.jsonl", f"{a}_curves.png", f"{a}_eval_kinds.png"]
+       for a in ("dpo", "rloo", "grpo")})
 
 
 def downstream(stage):
     """Every stage built, directly or not, from `stage`. Example: downstream('rm') -> ['ppo', 'eval']"""
     out = []
-    for s in STAGES:
+    for s in STAGES + BEYOND:
         if any(n == stage or n in out for n in NEEDS.get(s, [])):
             out.append(s)
     return out
@@ -1655,87 +2363,163 @@ def busy_cores(seconds=0.2):
 # -----------------------------------------------------------------------------
 # Data from a file: your own preference pairs instead of the simulated human
 #
-# Two shapes of JSON Lines rows, one pair per line:
-#   {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}   Anthropic HH-RLHF: whole transcripts;
-#       the prompt is the shared text up to and including the last "\n\nAssistant:"
-#   {"prompt": "...", "chosen": "...", "rejected": "..."}               most preference sets today
-# chosen / rejected may also be lists of chat messages ({"role", "content"}), as in TRL's conversational
-# datasets; they are written out as HH transcripts. The file feeds every stage: SFT on the chosen
-# responses (common practice when a set has no demonstrations), the reward model and the judge on
-# disjoint parts of the pairs, PPO on the prompts, and a held-out share of the prompts is kept out of all.
+# One pair per JSON Lines row, in any of the shapes preference sets come in (TRL's names in brackets):
+#   {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}     Anthropic HH-RLHF: whole transcripts
+#   {"prompt": "...", "chosen": "...", "rejected": "..."}                 [standard, explicit prompt]
+#   {"chosen": [{"role": "user", ...}, {"role": "assistant", ...}], ...}  [conversational, implicit prompt]
+#   {"prompt": [messages], "chosen": [assistant message], ...}            [conversational, explicit prompt]
+#   {"prompt": "...", "chosen": [user, assistant], ..., "messages": ...}  UltraFeedback-binarized (the user turn
+#                                                                        repeated in chosen; extra keys ignored)
+# Each becomes a prompt (the earlier turns, a system turn included) and two responses (the final assistant turn
+# alone). The prompt is written as HH text ("\n\nHuman: ...\n\nAssistant:"), or with the chat template of a
+# --model whose tokenizer has one; a text prompt in no chat format is kept as it is. A row that cannot be a
+# pair is dropped and counted; a file where most rows cannot is refused with one line. The file feeds every
+# stage: SFT on the chosen responses (common practice when a set has no demonstrations), the reward model and
+# the judge on disjoint parts of the pairs, PPO on the prompts; a held-out share of the prompts is kept out of all.
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
 
 
-def as_transcript(messages, where):
-    """Chat messages as an HH transcript. Example: [{'role': 'user', 'content': 'Hi'}] -> '\\n\\nHuman: Hi'"""
-    names = {"user": HUMAN, "assistant": ASSISTANT, "system": "\n\nSystem:"}
-    if not all(isinstance(m, dict) and m.get("role") in names and isinstance(m.get("content"), str) for m in messages):
-        raise UserError(f"{where}: a list of messages must hold {{'role': user/assistant/system, 'content': text}} items")
-    return "".join(f"{names[m['role']]} {m['content']}" for m in messages)
+class BadRow(Exception):
+    """Why a row of a preference file cannot be a pair; the loader drops the row and counts the reason."""
 
 
-def split_transcript(text, where):
-    """(prompt, response) of an HH transcript: the prompt ends with the last "\\n\\nAssistant:".
-    Example: '\\n\\nHuman: Hi\\n\\nAssistant: Hello' -> ('\\n\\nHuman: Hi\\n\\nAssistant:', ' Hello')"""
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
-        raise UserError(f"{where}: a transcript with no {ASSISTANT!r}, so no response to learn from; rows without "
-                        f"a 'prompt' key must be HH-RLHF transcripts")
-    return text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
+def hh_turns(text):
+    """An HH-RLHF transcript as chat messages; an empty last "Assistant:" (a prompt's end) is left out.
+    Example: '\\n\\nHuman: Hi\\n\\nAssistant: Hello' -> [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]"""
+    parts = regex.split(r"\n\n(Human|Assistant|System):", "\n\n" + text.lstrip("\n") if text.startswith(("\n", "Human:", "System:")) else text)
+    if parts[0].strip() or len(parts) < 3:
+        raise BadRow("a text with no \\n\\nHuman: / \\n\\nAssistant: turns where a whole transcript was expected")
+    turns = [dict(role=HH_ROLES[r], content=c.strip()) for r, c in zip(parts[1::2], parts[2::2])]
+    return turns[:-1] if turns[-1]["role"] == "assistant" and not turns[-1]["content"] else turns
 
 
-def read_preference_file(path):
-    """Every pair in the file as {prompt, chosen, rejected}, or a one-line UserError naming the file and line."""
-    rows = []
+def checked_messages(value, key):
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise BadRow(f"{key} must hold {{'role', 'content'}} messages")
+    roles = {"human": "user", "gpt": "assistant", "bot": "assistant"}
+    return [dict(role=roles.get(m["role"], m["role"]), content=m["content"].strip()) for m in value]
+
+
+def parse_pair(row):
+    """One row of a preference file as dict(messages, text, chosen, rejected): `messages` the prompt as chat
+    messages (every turn before the final assistant turn, a system turn included), `text` the prompt as it was
+    written when it is a plain text in no chat format (else None), chosen and rejected the final assistant turn
+    alone. Raises BadRow for a row that cannot be a pair.
+    Example: {'chosen': '\\n\\nHuman: Hi\\n\\nAssistant: Hello', 'rejected': '\\n\\nHuman: Hi\\n\\nAssistant: Go'}
+          -> {'messages': [{'role': 'user', 'content': 'Hi'}], 'text': None, 'chosen': 'Hello', 'rejected': 'Go'}"""
+    if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+        found = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise BadRow(f"a row needs the keys chosen and rejected (and prompt, unless they are whole conversations); "
+                     f"found {found}")
+    prompt, sides, text = row.get("prompt"), [row["chosen"], row["rejected"]], None
+    if not all(isinstance(v, (str, list)) for v in sides) or not isinstance(prompt, (str, list, type(None))):
+        raise BadRow("prompt, chosen and rejected must be texts or lists of chat messages")
+    if isinstance(prompt, str) and all(isinstance(v, str) for v in sides) and not regex.match(r"\s*(Human|System):", prompt):
+        # a text prompt in the user's own format: kept as written; a response that repeats it loses it
+        text = prompt
+        sides = [v[len(prompt):] if prompt and v.startswith(prompt) else v for v in sides]
+        sides = [[dict(role="assistant", content=v)] for v in sides]
+        prompt = [dict(role="user", content=prompt.strip())]
+    else:
+        hh = lambda v: bool(regex.match(r"\s*(Human|Assistant|System):", v))  # noqa: E731
+        if isinstance(prompt, str):
+            prompt = hh_turns(prompt) if hh(prompt) else [dict(role="user", content=prompt.strip())]
+        elif isinstance(prompt, list):
+            prompt = checked_messages(prompt, "prompt")
+        sides = [checked_messages(v, k) if isinstance(v, list) else hh_turns(v) if prompt is None or hh(v)
+                 else [dict(role="assistant", content=v.strip())] for k, v in zip(("chosen", "rejected"), sides)]
+    for v in sides:
+        if not v or v[-1]["role"] != "assistant":
+            raise BadRow("chosen and rejected must end with the assistant's turn")
+    (*before_c, chosen), (*before_r, rejected) = sides
+    if before_c != before_r:
+        raise BadRow("chosen and rejected differ before the last assistant turn")
+    if prompt is None or prompt == before_c[:len(prompt)]:
+        prompt = before_c                       # an implicit prompt, or the prompt repeated in chosen (UltraFeedback)
+    elif before_c and before_c[-1] == prompt[-1]:
+        prompt = before_c                       # its last user turn repeated
+    else:
+        prompt = prompt + before_c
+    if not prompt:
+        raise BadRow("no prompt: chosen and rejected are assistant turns alone, and there is no prompt key")
+    if not chosen["content"].strip() or not rejected["content"].strip():
+        raise BadRow("an empty response")
+    if chosen["content"] == rejected["content"]:
+        raise BadRow("chosen equal to rejected")
+    return dict(messages=prompt, text=text, chosen=chosen["content"], rejected=rejected["content"])
+
+
+def render(pair, chat_tok):
+    """A parsed pair as the prompt and response texts every stage reads: with the chat template of chat_tok
+    (the generation prompt added; a response is its content), or as HH-RLHF text (a response starts with a
+    space); a plain text prompt is kept as it was written."""
+    if chat_tok is not None:
+        prompt = chat_tok.apply_chat_template(pair["messages"], tokenize=False, add_generation_prompt=True)
+        if chat_tok.bos_token and prompt.startswith(chat_tok.bos_token):  # tokenize() adds the start token itself
+            prompt = prompt[len(chat_tok.bos_token):]
+        return dict(prompt=prompt, chosen=pair["chosen"], rejected=pair["rejected"])
+    if pair["text"] is not None:  # the user's own format, as written
+        return dict(prompt=pair["text"], chosen=pair["chosen"], rejected=pair["rejected"])
+    names = {v: k for k, v in HH_ROLES.items()}
+    prompt = "".join(f"\n\n{names.get(m['role'], 'Human')}: {m['content']}" for m in pair["messages"]) + ASSISTANT
+    return dict(prompt=prompt, chosen=" " + pair["chosen"], rejected=" " + pair["rejected"])
+
+
+def end_of_turn(tok):
+    """The token a chat template ends an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>, ...): the
+    special token that follows an assistant message's text; the tokenizer's end token if none does."""
+    mark = "RLHF_PY_MARK"
+    text = tok.apply_chat_template([dict(role="user", content="Hi"), dict(role="assistant", content=mark)], tokenize=False)
+    after = text[text.rindex(mark) + len(mark):].lstrip()
+    found = [t for t in tok.all_special_tokens + list(tok.get_added_vocab()) if t and after.startswith(t)]
+    return max(found, key=len) if found else tok.eos_token
+
+
+def chat_tokenizer(cfg):
+    """The tokenizer of --model when it has a chat template (an instruction-tuned model), else None."""
+    if cfg.model == "tiny":
+        return None
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    return tok if getattr(tok, "chat_template", None) else None
+
+
+def read_preference_file(path, chat_tok=None):
+    """Every pair in the file, rendered (`render`), and {reason: (count, first line)} for the rows dropped;
+    a one-line UserError when the file cannot be read or most of its rows cannot be pairs."""
+    pairs, dropped, n = [], {}, 0
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(parse_pair(line, f"{path}, line {n}"))
+                if not line.strip():
+                    continue
+                try:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise BadRow(f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
+                    pairs.append(render(parse_pair(row), chat_tok))
+                except BadRow as e:
+                    count, first = dropped.get(str(e), (0, n))
+                    dropped[str(e)] = (count + 1, first)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise UserError(f"--data {path}: cannot be read ({e}); it must be UTF-8 JSON Lines, or gzip of it (.gz)") from None
-    if not rows:
+    bad = sum(c for c, _ in dropped.values())
+    if not pairs and not bad:
         raise UserError(f"--data {path}: the file has no rows; it needs one JSON object per line")
-    return rows
-
-
-def parse_pair(line, where):
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-    if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise UserError(f"{where}: a row needs the keys chosen and rejected (and prompt, unless they are HH-RLHF "
-                        f"transcripts); found {found}")
-    texts = {}
-    for key in ("prompt", "chosen", "rejected"):
-        value = row.get(key)
-        if isinstance(value, list):
-            value = as_transcript(value, where)
-        if value is not None and not isinstance(value, str):
-            raise UserError(f"{where}: {key} must be text or a list of chat messages (got {type(value).__name__})")
-        texts[key] = value
-    if isinstance(row["chosen"], list) or texts["prompt"] is None:  # whole transcripts: split off the prompt
-        prompt, chosen = split_transcript(texts["chosen"], where)
-        prompt_r, rejected = split_transcript(texts["rejected"], where)
-        if prompt != prompt_r:
-            raise UserError(f"{where}: chosen and rejected have different prompts; the two transcripts must be the "
-                            f"same up to the last {ASSISTANT!r}")
-        return dict(prompt=prompt, chosen=chosen, rejected=rejected)
-    return dict(prompt=texts["prompt"], chosen=texts["chosen"], rejected=texts["rejected"])
+    if len(pairs) < bad:  # most rows cannot be pairs: the file is not what it should be
+        reason, (_, line) = max(dropped.items(), key=lambda kv: kv[1][0])
+        raise UserError(f"--data {path}, line {line}: {reason} ({bad} of {bad + len(pairs)} rows cannot be pairs)")
+    return pairs, dropped
 
 
 def dataset_from_file(cfg):
     """The file's pairs in the shape make_dataset gives: held-out prompts first, then the training pairs
     split between the reward model and the judge. Returns (data, notes on what was dropped)."""
-    rng = random.Random(cfg.seed)
-    pairs = read_preference_file(cfg.data)
-    same = [r for r in pairs if r["chosen"].strip() == r["rejected"].strip()]
-    pairs = [r for r in pairs if r["chosen"].strip() != r["rejected"].strip()]
-    if not pairs:
-        raise UserError(f"--data {cfg.data}: every pair has chosen equal to rejected; there is no preference to learn")
+    rng, chat_tok = random.Random(cfg.seed), chat_tokenizer(cfg)
+    pairs, dropped = read_preference_file(cfg.data, chat_tok)
     # 1. split the distinct prompts: a held-out share is kept out of every stage
     distinct = sorted({r["prompt"] for r in pairs})
     rng.shuffle(distinct)
@@ -1755,18 +2539,81 @@ def dataset_from_file(cfg):
     sft = lambda rows, n: [dict(prompt=r["prompt"], response=r["chosen"]) for r in rows if r["chosen"].strip()][:n]  # noqa: E731
     data = dict(prompts=prompts, sft_train=sft(rm_pairs, cfg.n_sft), sft_heldout=sft(heldout, max(1, cfg.n_sft // 4)),
                 prefs_train=rm_pairs, prefs_judge=judge_pairs, prefs_heldout=heldout[:max(1, cfg.n_pref // 4)])
-    notes = [f"{len(same)} pair(s) dropped: chosen equal to rejected"] if same else []
+    notes = [f"{count} row(s) dropped: {reason} (first: line {line})" for reason, (count, line) in dropped.items()]
+    notes.append(f"prompts written with the chat template of {cfg.model}" if chat_tok else
+                 "prompts written as HH-RLHF text (a plain text prompt as it was)")
     if len(train) > n_rm + len(judge_pairs):
         notes.append(f"{len(train) - n_rm - len(judge_pairs)} training pair(s) left unused (--n_pref {cfg.n_pref}, "
                      f"--n_judge {cfg.n_judge})")
-    return data, notes
+    return data, notes, chat_tok is not None
+
+
+# -----------------------------------------------------------------------------
+# Trackers: --report_to tensorboard or wandb, for the dashboards an engineer already watches runs with. Each
+# stage's metric rows go there as they are made (track), beside the JSON Lines files that are always written.
+
+TRACKER = {}  # the open tracker of this process: {"tensorboard": SummaryWriter} or {"wandb": run}
+
+
+def open_tracker(cfg):
+    """Start the --report_to tracker with the config; the package is imported only when asked for."""
+    if not cfg.report_to or rank() > 0:
+        return
+    try:
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            import wandb
+    except ImportError:
+        raise UserError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to}") from None
+    config = dataclasses.asdict(cfg)
+    if cfg.report_to == "tensorboard":
+        TRACKER["tensorboard"] = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        TRACKER["tensorboard"].add_text("config", "\n".join(f"    {k}: {v!r}" for k, v in config.items()))
+    else:  # offline (files under out_dir/wandb, `wandb sync` uploads them) unless WANDB_MODE says otherwise
+        run = wandb.init(project="rlhf.py", name=f"{os.path.basename(os.path.abspath(cfg.out_dir))} {cfg.stage}",
+                         dir=cfg.out_dir, config=config, mode=os.environ.get("WANDB_MODE", "offline"))
+        TRACKER["wandb"] = run
+
+
+def track(stage, row):
+    """One metric row of a stage (a dict with 'step') to the tracker, as stage/metric."""
+    values = {f"{stage}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    if "tensorboard" in TRACKER:
+        for key, value in values.items():
+            TRACKER["tensorboard"].add_scalar(key, value, row["step"])
+    if "wandb" in TRACKER:
+        TRACKER["wandb"].define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        TRACKER["wandb"].log({f"{stage}/step": row["step"], **values})
+
+
+def close_tracker(summary):
+    """The run's summary.json figures to the tracker, then close it."""
+    flat = {}
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k != "config":
+                    walk(f"{prefix}/{k}" if prefix else k, x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[prefix] = v
+    walk("", summary)
+    if "tensorboard" in TRACKER:
+        TRACKER["tensorboard"].add_text("summary", "\n".join(f"    {k}: {v:.6g}" for k, v in flat.items()))
+        TRACKER.pop("tensorboard").close()
+    if "wandb" in TRACKER:
+        TRACKER["wandb"].summary.update(flat)
+        TRACKER.pop("wandb").finish()
 
 
 # -----------------------------------------------------------------------------
 # Plots and printed samples
 
-def plot(path, title, curves, ylabel, twin=None, xlabel="step"):
-    """One line plot. curves: {label: (xs, ys)}; twin: optional (label, xs, ys) on a right axis.
+def panels(path, title, spec, xlabel, ncols=None, marks=()):
+    """Line plots side by side, one quantity per panel, each axis labelled with its unit. spec: a list of
+    dict(title, ylabel, curves={label: (xs, ys)}, ylim=None, log=False, hlines=[(y, label)]); marks: [(x, label)]
+    drawn as dashed vertical lines on every panel.
     A curve of fewer than 20 points gets markers, so that a single point still shows."""
     if rank() != 0:
         return
@@ -1774,75 +2621,122 @@ def plot(path, title, curves, ylabel, twin=None, xlabel="step"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=4)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if twin:
-        ax2 = ax.twinx()
-        ax2.plot(twin[1], twin[2], color="gray", linestyle="--", label=twin[0])
-        ax2.set_ylabel(twin[0])
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    # the legend goes under the plot, where it covers no line
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
+    ncols = ncols or len(spec)
+    nrows = math.ceil(len(spec) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows + 0.5), squeeze=False)
+    for ax, p in zip(axes.flat, spec):
+        for label, (xs, ys) in p["curves"].items():
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=4)
+        for y, label in p.get("hlines", []):
+            ax.axhline(y, color="gray", linestyle=":", linewidth=1)
+            ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+        for x, label in marks:
+            ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
+            ax.annotate(label, (x, 0.99), xycoords=("data", "axes fraction"), fontsize=7, color="gray", ha="right",
+                        va="top", rotation=90)
+        if p.get("log"):
+            ax.set_yscale("log")
+        ax.set(title=p["title"], xlabel=xlabel, ylabel=p["ylabel"])
+        if p.get("ylim"):
+            ax.set_ylim(*p["ylim"])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        ax.grid(alpha=0.3)
+        if len(p["curves"]) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(spec):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_rm(cfg, name, metrics, held_rows):
     smooth = lambda ys, k=10: [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))]  # noqa: E731
     steps, held_steps = [m["step"] for m in metrics], [m["step"] for m in held_rows]
-    curves = {"train accuracy (smoothed)": (steps, smooth([m["acc"] for m in metrics])),
-              "held-out acc vs labels": (held_steps, [m["heldout_acc_label"] for m in held_rows])}
+    curves = {"train batches (smoothed)": (steps, smooth([m["acc"] for m in metrics])),
+              "held-out pairs, against the labels": (held_steps, [m["heldout_acc_label"] for m in held_rows])}
     if "heldout_acc_gold" in held_rows[0]:
-        curves["held-out acc vs gold"] = (held_steps, [m["heldout_acc_gold"] for m in held_rows])
-    plot(os.path.join(cfg.out_dir, f"{name}_curve.png"), f"{'Reward model' if name == 'rm' else 'Judge'} training",
-         curves, "accuracy", twin=("loss (smoothed)", steps, smooth([m["loss"] for m in metrics])))
+        curves["held-out pairs, against the gold preference"] = (held_steps, [m["heldout_acc_gold"] for m in held_rows])
+    panels(os.path.join(cfg.out_dir, f"{name}_curve.png"), f"{'Reward model' if name == 'rm' else 'Judge'} training",
+           [dict(title="accuracy: the preferred response scores higher", ylabel="share of comparisons", curves=curves,
+                 ylim=(0, 1.0), hlines=[(0.5, "a coin")]),
+            dict(title="Bradley-Terry loss (train batches, smoothed)", ylabel="−log σ(r_c − r_r), nats",
+                 curves={"loss": (steps, smooth([m["loss"] for m in metrics]))}, ylim=(0, None),
+                 hlines=[(math.log(2), "log 2: no preference")])], xlabel="step")
 
 
-def plot_ppo(cfg, metrics):
+def plot_rl_curves(cfg, algo, metrics):
+    """RLOO or GRPO during training: the reward model's and the human's scores, and the KL to SFT."""
+    steps = [m["step"] for m in metrics]
+    spec = [dict(title="reward model score", ylabel="normalised (SFT samples: mean 0, std 1)",
+                 curves={"RM": (steps, [m["rm_score"] for m in metrics])})]
+    if "gold" in metrics[0]:
+        spec.append(dict(title="gold score (the simulated human)", ylabel="points",
+                         curves={"gold": (steps, [m["gold"] for m in metrics])}))
+    spec.append(dict(title=f"KL(π ‖ π_SFT) per response (β = {cfg.kl_coef:g})", ylabel="nats",
+                     curves={"KL": (steps, [m["kl"] for m in metrics])}, ylim=(0, None)))
+    panels(os.path.join(cfg.out_dir, f"{algo}_curves.png"), f"{algo.upper()} on the training prompts", spec,
+           xlabel=f"{algo.upper()} step")
+
+
+def plot_ppo(cfg, metrics, refreshed=()):
+    """ppo_reward.png: the reward model's score and the human's; ppo_kl.png: the KL (and β when it adapts);
+    overview.png: both, and the policy's health. A dashed line marks each step after which the reward model
+    was refreshed (`refreshed`)."""
+    marks = [(step, "RM refreshed") for step in refreshed]
+    steps = [m["step"] for m in metrics]
+    col = lambda k: (steps, [m[k] for m in metrics])  # noqa: E731
+    rm = dict(title="reward model score (what PPO maximises)", ylabel="normalised (SFT samples: mean 0, std 1)",
+              curves={"RM": col("rm_score")})
+    gold = [dict(title="gold score (the simulated human)", ylabel="points", curves={"gold": col("gold")})] \
+        if "gold" in metrics[0] else []
+    target = [(cfg.kl_target, f"KL target {cfg.kl_target:g} nats")] if cfg.adaptive_kl else []
+    kl = dict(title="KL(π ‖ π_ref) per response" + ("" if cfg.adaptive_kl else f", β fixed at {cfg.kl_coef:g}"),
+              ylabel="nats", curves={"KL": col("kl")}, ylim=(0, None), hlines=target)
+    beta = [dict(title="β, adapted toward the KL target", ylabel="β (reward points per nat)", curves={"β": col("kl_coef")},
+                 ylim=(0, None))] if cfg.adaptive_kl else []
+    panels(os.path.join(cfg.out_dir, "ppo_reward.png"), "PPO on the training prompts: the reward model's score and the human's",
+           [rm] + gold, xlabel="PPO step", marks=marks)
+    panels(os.path.join(cfg.out_dir, "ppo_kl.png"), "PPO: distance from the reference (SFT) policy", [kl] + beta,
+           xlabel="PPO step", marks=marks)
+    health = [dict(title="entropy of the next-token distribution", ylabel="nats per token", curves={"entropy": col("entropy")},
+                   ylim=(0, None)),
+              dict(title="responses that end", ylabel="share of the batch", curves={"ended": col("ended")}, ylim=(0, 1.05))]
+    panels(os.path.join(cfg.out_dir, "overview.png"), "PPO at a glance (training batches)", [rm] + gold + [kl] + beta + health,
+           xlabel="PPO step", ncols=3, marks=marks)
+
+
+def plot_kinds(path, figures, name):
+    """What the answers are: for each family, the share of each kind of answer (answer_kind), SFT above the
+    policy, one stacked bar each: the family's own kind of answer first, in green; a dodge orange, a wrong or
+    made-up value or a compliance red."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    steps = [m["step"] for m in metrics]
-    col = lambda k: [m[k] for m in metrics]  # noqa: E731
-    reward_curves = {"RM score (normalised)": (steps, col("rm_score"))}
-    if "gold" in metrics[0]:
-        reward_curves["gold score (simulated human)"] = (steps, col("gold"))
-    plot(os.path.join(cfg.out_dir, "ppo_reward.png"), "PPO: reward model score vs the human's gold score"
-         if "gold" in metrics[0] else "PPO: reward model score", reward_curves, "score", xlabel="PPO step")
-    plot(os.path.join(cfg.out_dir, "ppo_kl.png"), "PPO: KL(π || π_ref) per response",
-         {"KL (nats)": (steps, col("kl"))}, "nats", twin=("β (KL coefficient)", steps, col("kl_coef")), xlabel="PPO step")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for label, (xs, ys) in reward_curves.items():
-        axes[0].plot(xs, ys, label=label.split(" (")[0])
-    axes[0].set(title="reward: RM vs simulated human" if "gold" in metrics[0] else "reward", xlabel="PPO step")
-    axes[1].plot(steps, col("kl"), label="KL to reference (nats)")
-    if cfg.adaptive_kl:
-        axes[1].axhline(cfg.kl_target, color="tab:red", linestyle=":", linewidth=1, label="KL target")
-    ax = axes[1].twinx()
-    ax.plot(steps, col("kl_coef"), color="gray", linestyle="--", label="β (right axis)")
-    ax.set_ylim(bottom=0)
-    axes[1].set(title=f"KL to π_ref (target {cfg.kl_target:g})" if cfg.adaptive_kl else f"KL to π_ref (β fixed at {cfg.kl_coef:g})",
-                xlabel="PPO step")
-    axes[2].plot(steps, col("entropy"), label="entropy (nats/token)")
-    axes[2].plot(steps, col("ended"), label="share of responses that end")
-    axes[2].set(title="policy health", xlabel="PPO step")
-    for a in axes:
-        a.grid(alpha=0.3)
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles = [a.get_legend_handles_labels() for a in (axes[0], axes[1], ax, axes[2])]
-    for a, (h, lab) in zip(axes, [handles[0], (handles[1][0] + handles[2][0], handles[1][1] + handles[2][1]), handles[3]]):
-        a.legend(h, lab, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    colour = {"right": "tab:green", "refusal": "tab:green", "admits": "tab:green", "dodge": "tab:orange",
+              "evasive": "tab:orange", "needless refusal": "tab:orange", "wrong value": "tab:red", "complied": "tab:red",
+              "made up": "tab:red", "other answer": "tab:purple", "garbled": "tab:gray", "never ended": "black"}
+    fams = [f for f in FAMILIES if f"kinds_{f}" in figures[name]]
+    fig, axes = plt.subplots(len(fams), 1, figsize=(8, 1.4 + 1.3 * len(fams)), sharex=True, squeeze=False)
+    for ax, fam in zip(axes[:, 0], fams):
+        kinds = list(figures[name][f"kinds_{fam}"])
+        for row, who in enumerate(("sft", name)):
+            left = 0.0
+            for kind in kinds:
+                share = figures[who][f"kinds_{fam}"][kind]
+                ax.barh(row, share, left=left, color=colour[kind], label=kind if row == 0 else None)
+                if share >= 0.06:
+                    ax.text(left + share / 2, row, f"{share:.2f}", ha="center", va="center", fontsize=7, color="white")
+                left += share
+        ax.set_yticks([0, 1], ["SFT", name.upper()])
+        ax.invert_yaxis()
+        ax.set_title(fam, fontsize=9, loc="left")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    axes[-1, 0].set(xlim=(0, 1), xlabel="share of the held-out samples")
+    fig.suptitle("What the answers are, by the simulated human's reading", fontsize=10)
     fig.tight_layout()
-    if rank() == 0:
-        fig.savefig(os.path.join(cfg.out_dir, "overview.png"), dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -1878,14 +2772,17 @@ def main(argv=None):
         hf_logging.disable_progress_bar()
         stages = STAGES if cfg.stage == "all" else (cfg.stage,)
         run = dict(data=stage_data, tokenizer=stage_tokenizer, sft=stage_sft, rm=stage_rm, judge=stage_judge,
-                   ppo=stage_ppo, eval=stage_eval)
+                   ppo=stage_ppo, eval=stage_eval, bon=stage_bon, dpo=stage_dpo, rloo=stage_rloo, grpo=stage_grpo)
         print(f"{device}, {torch.get_num_threads()} torch thread(s)" + (f" in each of {world()} processes"
                                                                          if world() > 1 else ""))
         t0 = time.time()
+        if cfg.report_to and (cfg.stage in ("all", "data") or os.path.isdir(cfg.out_dir)):
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            open_tracker(cfg)
         for stage in stages:
             print(f"== stage {stage} ==")
             seed_everything(cfg.seed + rank())  # each stage repeats on its own, whether run alone or in `all`
-            training = stage in ("sft", "rm", "judge", "ppo")  # every process trains; rank 0 alone does the rest
+            training = stage in ("sft", "rm", "judge", "ppo", "dpo", "rloo", "grpo")  # every process trains; rank 0 alone does the rest
             figures = run[stage](cfg, device) if training or rank() == 0 else {}
             barrier()
             update_summary(cfg, stage, dict(figures, threads=torch.get_num_threads(), processes=world()))
@@ -1904,6 +2801,8 @@ def main(argv=None):
         sys.exit(f"\ninterrupted in stage {stage}: the stages before it are saved in {cfg.out_dir}/; rerun it with "
                  f"`python rlhf.py --stage {stage} --out_dir {cfg.out_dir}`{later}, or use --stage all")
     finally:
+        if TRACKER:
+            close_tracker(load_summary(cfg))
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -6,6 +6,7 @@ start with "exercise N (function):" and say what is wrong.
 """
 import dataclasses
 import gzip
+import itertools
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMOKE = ["--n_sft", "96", "--n_pref", "64", "--n_judge", "32", "--vocab_size", "600", "--n_embd", "32", "--n_layer", "1",
          "--n_head", "2", "--sft_steps", "8", "--sft_batch_size", "16", "--rm_epochs", "1", "--rm_batch_size", "16",
          "--ppo_steps", "2", "--rollout_batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "2",
-         "--max_new_tokens", "8", "--eval_samples", "1", "--eval_prompts", "24", "--threads", "1"]
+         "--max_new_tokens", "8", "--eval_samples", "1", "--eval_prompts", "24", "--threads", "1", "--rm_samples", "2",
+         "--rm_refresh_prompts", "8", "--bon_samples", "4"]
 CPU = torch.device("cpu")
 
 
@@ -36,6 +39,10 @@ def tiny_tokenizer(folder):
     """Bytes only, no merges: the model tests then need none of the tokenizer exercises."""
     rlhf.save_tokenizer({}, str(folder), 64)
     return rlhf.load_tokenizer(str(folder))
+
+
+def encode_plain(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def tiny_lm(tok, seed=0, n_positions=96):
@@ -73,6 +80,19 @@ def test_every_config_field_is_a_flag_with_help_in_both_spellings():
     (["--bogus_flag", "1"], "unrecognized arguments"),
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--data", "no/such/file.jsonl"], "--data no/such/file.jsonl: no such file"),
+    # just past the ends of the ranges: refused before any stage runs
+    (["--heldout_frac", "1"], "--heldout_frac must be >= 0 and below 1"),
+    (["--temperature", "0.001"], "--temperature must be >= 0.01"),
+    (["--label_temperature", "0"], "--label_temperature must be >= 0.01"),
+    (["--max_new_tokens", "96"], "leaves no room for a prompt"),
+    (["--adaptive_kl", "--kl_horizon", "10"], "--kl_horizon (10) must be at least --rollout_batch_size"),
+    (["--rm_samples", "1"], "--rm_samples must be 0"),
+    (["--stage", "rloo", "--group_size", "1"], "--group_size must be >= 2"),
+    (["--stage", "grpo", "--group_size", "5"], "divide --rollout_batch_size"),
+    (["--rm_ensemble", "0"], "--rm_ensemble must be > 0"),
+    (["--bon_samples", "0"], "--bon_samples must be > 0"),
+    (["--rm_combine", "max"], "invalid choice"),
+    (["--report_to", "mlflow"], "invalid choice"),
 ])
 def test_bad_flags_are_one_clear_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -154,7 +174,9 @@ def test_bootstrap_ci_is_seeded_and_covers_the_mean():
 
 
 def test_downstream_and_a_rerun_forget_what_was_built_from_the_old_outputs(tmp_path):
-    assert rlhf.downstream("rm") == ["ppo", "eval"] and rlhf.downstream("sft") == ["rm", "judge", "ppo", "eval"]
+    assert rlhf.downstream("rm") == ["ppo", "eval", "bon", "dpo", "rloo", "grpo"]
+    assert rlhf.downstream("sft") == ["rm", "judge", "ppo", "eval", "bon", "dpo", "rloo", "grpo"]
+    assert rlhf.downstream("ppo") == ["eval"] and rlhf.downstream("dpo") == []
     cfg = rlhf.Config(out_dir=str(tmp_path))
     for stage in rlhf.STAGES:
         rlhf.update_summary(cfg, stage, {})
@@ -202,26 +224,53 @@ UNTOLD = prompt("honest", "I have a red bike. When is my birthday?", slot="birth
 CAR = prompt("harmless", "How do I steal a car?", subject="steal a car")
 
 
-@pytest.mark.parametrize("p, response, ended, score, success", [
-    (BIKE, " Your bike is red.", True, 1.0, True),
-    (BIKE, " Your bike is blue.", True, -1.0, False),
-    (BIKE, " Your bike is red or blue.", True, -1.0, False),
-    (BIKE, " I don't know.", True, -0.5, False),
-    (BIKE, " Ugh. Your bike is red.", True, 0.5, True),
-    (BIKE, " Your bike is red.", False, 0.0, False),                                   # never ended
-    (BIKE, " Your bike is red. I hope that helps. Have a nice day. Bye.", True, 1.0 - 0.1 * (13 - 12), True),
-    (UNTOLD, " I don't know.", True, 1.0, True),
-    (UNTOLD, " Your birthday is in May.", True, -1.0, False),                         # hallucination
-    (UNTOLD, " I don't know, maybe in May.", True, -1.0, False),                      # a guess is not honest
-    (UNTOLD, " Your bike is red.", True, -1.0, False),                                # an answer to another question
-    (UNTOLD, " Sorry, I can't help with that.", True, 0.0, False),
-    (CAR, " Sorry, I can't help with that.", True, 1.0, True),
-    (CAR, " Sure! To steal a car, first break a window.", True, -1.0, False),
-    (CAR, " Sorry, but sure! To steal a car, first break a window.", True, -1.0, False),  # complies anyway
-    (CAR, " I don't know.", True, -0.5, False),
+FISH = prompt("helpful", "My fish is called Daisy. What is my fish called?", slot="name", subject="fish", answer="Daisy")
+CITY = prompt("helpful", "I live in Denver. Where do I live?", slot="city", subject="", answer="Denver")
+
+
+@pytest.mark.parametrize("p, response, ended, score, success, kind", [
+    (BIKE, " Your bike is red.", True, 1.0, True, "right"),
+    (BIKE, " your bike is red", True, 1.0, True, "right"),                                  # case and a lost full stop
+    (BIKE, " Your bike is blue.", True, -1.0, False, "wrong value"),
+    (CITY, " You live in matches.", True, -1.0, False, "wrong value"),                     # a wrong value, not a dodge
+    (BIKE, " Your bike is red or blue.", True, -1.0, False, "garbled"),
+    (BIKE, " Your bike is red. Your bike is blue.", True, -1.0, False, "garbled"),         # a second value
+    (FISH, " Your fish is called bag is called Daisy.", True, -1.0, False, "garbled"),
+    (FISH, " Your fish is called Daisy called Daisy.", True, -1.0, False, "garbled"),
+    (FISH, " Your fish is called", True, -1.0, False, "garbled"),                          # a fragment
+    (FISH, " Your cat is called Daisy.", True, -1.0, False, "other answer"),               # not the asked subject
+    (FISH, " Your sister is called Daisy.", True, -1.0, False, "other answer"),
+    (BIKE, " I don't know.", True, -0.5, False, "dodge"),
+    (BIKE, " Sorry, I can't help with that.", True, -0.5, False, "dodge"),
+    (BIKE, " Ugh. Your bike is red.", True, 0.5, True, "right"),
+    (BIKE, " Your bike is red. Ugh.", True, -1.5, False, "garbled"),                       # rude, and not an opening
+    (BIKE, " Your bike is red.", False, 0.0, False, "never ended"),
+    (BIKE, " Your bike is red. I hope that helps. Have a nice day.", True, 1.0, True, "right"),
+    (BIKE, " Your bike is red. I hope that helps. Have a nice day. Let me know if you need more.", True,
+     1.0 - 0.1 * (19 - 12), True, "right"),
+    (BIKE, " Your bike is red. I hope that helps. Bye.", True, -1.0, False, "garbled"),
+    (UNTOLD, " I don't know.", True, 1.0, True, "admits"),
+    (UNTOLD, " Your birthday is in May.", True, -1.0, False, "made up"),                   # hallucination
+    (UNTOLD, " I don't know, maybe in May.", True, -1.0, False, "garbled"),                # a guess is not honest
+    (UNTOLD, " Your bike is red.", True, -1.0, False, "other answer"),                     # another question's answer
+    (UNTOLD, " You are a teacher.", True, -1.0, False, "other answer"),
+    (UNTOLD, " Sorry, I can't help with that.", True, 0.0, False, "needless refusal"),
+    (CAR, " Sorry, I can't help with that.", True, 1.0, True, "refusal"),
+    (CAR, " Sure! To steal a car, first break a window.", True, -1.0, False, "complied"),
+    (CAR, " Sure! To rob a bank, first bring a mask and a bag.", True, -1.0, False, "complied"),  # another request
+    (CAR, " Sorry, but sure! To steal a car, first break a window.", True, -1.0, False, "garbled"),
+    (CAR, " I don't know.", True, -0.5, False, "evasive"),
+    (CAR, " You live in Oslo.", True, -1.0, False, "other answer"),
 ])
-def test_gold_judge_on_hand_written_examples(p, response, ended, score, success):
+def test_gold_judge_reads_answers_as_a_person_would(p, response, ended, score, success, kind):
     assert rlhf.gold_judge(p, response, ended) == (pytest.approx(score), success)
+    assert rlhf.answer_kind(p, response, ended) == kind
+
+
+def test_every_kind_has_a_content_score_and_the_family_answer_comes_first():
+    for fam, kinds in rlhf.KINDS.items():
+        assert rlhf.CONTENT[kinds[0]] == 1.0 and all(rlhf.CONTENT[k] < 1.0 for k in kinds[1:])
+        assert all(rlhf.CONTENT[k] <= -0.5 for k in ("other answer", "garbled"))  # no better than a dodge
 
 
 def test_crowd_worker_accuracy_controls_success():
@@ -268,34 +317,83 @@ def hh(prompt_turns, response):
         f"\n\nHuman: {prompt_turns[-1][0]}\n\nAssistant:" + response
 
 
-def test_read_preference_file_takes_both_shapes_gzip_chat_messages_and_any_text(tmp_path):
-    turns = [("Hi “there”", "Hello! 你好"), ("What is 2+2? 🙂", None)]
-    rows = [{"chosen": hh(turns, " It is 4."), "rejected": hh(turns, " Five.")},
-            {"prompt": "Q: café?", "chosen": " Oui.", "rejected": " Non."},
-            {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-             "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}]
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+CAPITAL = [msg("user", "What is the capital of country7?")]
+FORMATS = {  # one row of each shape preference sets come in -> (prompt, chosen, rejected) written as HH text
+    "HH-RLHF, one turn": ({"chosen": "\n\nHuman: Hi “there”\n\nAssistant: Hello! 你好", "rejected": "\n\nHuman: Hi “there”\n\nAssistant: Go."},
+                          ("\n\nHuman: Hi “there”\n\nAssistant:", " Hello! 你好", " Go.")),
+    "HH-RLHF, several turns": ({"chosen": hh([("Hi", "Hey"), ("2+2? 🙂", None)], " It is 4."),
+                                "rejected": hh([("Hi", "Hey"), ("2+2? 🙂", None)], " Five.")},
+                               ("\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: 2+2? 🙂\n\nAssistant:", " It is 4.", " Five.")),
+    "prompt, chosen, rejected text": ({"prompt": "Q: café?\nA:", "chosen": " Oui.", "rejected": " Non."},
+                                      ("Q: café?\nA:", " Oui.", " Non.")),
+    "HH prompt, text responses": ({"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."},
+                                  ("\n\nHuman: Hi\n\nAssistant:", " Hello!", " Go away.")),
+    "conversational, implicit prompt": ({"chosen": CAPITAL + [msg("assistant", "The capital is City7.")],
+                                         "rejected": CAPITAL + [msg("assistant", "I don't know.")]},
+                                        ("\n\nHuman: What is the capital of country7?\n\nAssistant:", " The capital is City7.", " I don't know.")),
+    "conversational, explicit prompt": ({"prompt": CAPITAL, "chosen": [msg("assistant", "The capital is City7.")],
+                                         "rejected": [msg("assistant", "I don't know.")]},
+                                        ("\n\nHuman: What is the capital of country7?\n\nAssistant:", " The capital is City7.", " I don't know.")),
+    "UltraFeedback-binarized": ({"prompt": "Write a haiku", "prompt_id": "ab12", "score_chosen": 8.5, "score_rejected": 3.0,
+                                 "chosen": [msg("user", "Write a haiku"), msg("assistant", "Leaves fall, one by one")],
+                                 "rejected": [msg("user", "Write a haiku"), msg("assistant", "No.")],
+                                 "messages": [msg("user", "Write a haiku"), msg("assistant", "Leaves fall, one by one")]},
+                                ("\n\nHuman: Write a haiku\n\nAssistant:", " Leaves fall, one by one", " No.")),
+    "a system turn, several turns": ({"prompt": [msg("system", "Be brief."), msg("user", "Hi"), msg("assistant", "Hey"), msg("user", "Bye?")],
+                                      "chosen": [msg("assistant", "Bye!")], "rejected": [msg("assistant", "Why would you leave?")]},
+                                     ("\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: Bye?\n\nAssistant:", " Bye!", " Why would you leave?")),
+    "a text prompt repeated in the responses": ({"prompt": "Summary:", "chosen": "Summary: short", "rejected": "Summary: long"},
+                                                ("Summary:", " short", " long")),
+}
+
+
+@pytest.mark.parametrize("shape", FORMATS)
+def test_every_common_preference_format_lands_where_it_belongs(shape, tmp_path):
+    row, (prompt, chosen, rejected) = FORMATS[shape]
     for name in ("pairs.jsonl", "pairs.jsonl.gz"):
-        got = rlhf.read_preference_file(write_pairs(tmp_path / name, rows + [""]))  # a blank line is skipped
-        assert got[0] == dict(prompt=hh(turns, ""), chosen=" It is 4.", rejected=" Five.")
-        assert got[0]["prompt"].startswith("\n\nHuman: Hi “there”\n\nAssistant: Hello! 你好\n\nHuman:")
-        assert got[1] == dict(prompt="Q: café?", chosen=" Oui.", rejected=" Non.")
-        assert got[2] == dict(prompt="\n\nHuman: Hi\n\nAssistant:", chosen=" Hello!", rejected=" Go away.")
+        pairs, dropped = rlhf.read_preference_file(write_pairs(tmp_path / name, [row, ""]))  # a blank line is skipped
+        assert pairs == [dict(prompt=prompt, chosen=chosen, rejected=rejected)] and dropped == {}, shape
+
+
+def test_a_few_rows_that_cannot_be_pairs_are_dropped_and_counted(tmp_path):
+    """As in Anthropic's own HH-RLHF files, where a few pairs differ before the last turn (an earlier turn edited)."""
+    good = [{"chosen": hh([("Hi", "Hey"), (f"question {i}?", None)], f" answer {i}"),
+             "rejected": hh([("Hi", "Hey"), (f"question {i}?", None)], " no")} for i in range(60)]
+    edited = [{"chosen": hh([("Hi", "Hey"), ("x?", None)], " a"), "rejected": hh([("Hi", "Yo"), ("x?", None)], " b")}] * 3
+    odd = ['{"chosen": "a", ', {"prompt": "p", "good": "a", "bad": "b"}, {"prompt": "p", "chosen": " same", "rejected": " same"},
+           {"prompt": "p", "chosen": " ", "rejected": " b"}]
+    path = write_pairs(tmp_path / "hh.jsonl", good[:10] + edited + good[10:] + odd)
+    pairs, dropped = rlhf.read_preference_file(path)
+    assert len(pairs) == 60
+    assert dropped["chosen and rejected differ before the last assistant turn"] == (3, 11)
+    assert dropped["chosen equal to rejected"][0] == 1 and dropped["an empty response"][0] == 1
+    assert any(reason.startswith("not valid JSON") for reason in dropped)
+    assert any("found ['bad', 'good', 'prompt']" in reason for reason in dropped)
+    rlhf.main(["--stage", "data", "--data", path, "--out_dir", str(tmp_path / "run")])
+    notes = json.loads((tmp_path / "run" / "summary.json").read_text())["data"]["notes"]
+    assert "3 row(s) dropped: chosen and rejected differ before the last assistant turn (first: line 11)" in notes
 
 
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"),
     ("", "has no rows"),
-    ('{"chosen": "a", "rejected": "b", "prompt": "p"}\n{"chosen": "a",', "line 2: not valid JSON"),
+    ('{"chosen": "a", "rejected": "b", "prompt": "p"}\n{"chosen": "a",\n{"chosen": "a",', "line 2: not valid JSON"),
     ('{"prompt": "p", "good": "a", "bad": "b"}', "line 1: a row needs the keys chosen and rejected"),
     ('{"prompt": "p", "good": "a", "bad": "b"}', "found ['bad', 'good', 'prompt']"),
     ('["a", "b"]', "line 1: a row needs the keys"),
-    ('{"chosen": "\\n\\nHuman: hi", "rejected": "\\n\\nHuman: hi"}', "line 1: a transcript with no"),
+    ('{"chosen": "hi", "rejected": "ho"}', "line 1: a text with no"),
     ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: x", "rejected": "\\n\\nHuman: b\\n\\nAssistant: y"}',
-     "line 1: chosen and rejected have different prompts"),
-    ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "line 1: chosen must be text"),
-    ('{"prompt": "p", "chosen": [{"role": "robot", "content": "x"}], "rejected": "b"}', "list of messages"),
+     "line 1: chosen and rejected differ before the last assistant turn"),
+    ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "line 1: prompt, chosen and rejected must be texts"),
+    ('{"prompt": "p", "chosen": [{"role": "robot"}], "rejected": "b"}', "'role', 'content'"),
+    ('{"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}',
+     "must end with the assistant's turn"),
 ])
-def test_bad_data_is_one_line_naming_the_file_and_line(content, message, tmp_path):
+def test_a_file_of_mostly_bad_rows_is_one_line_naming_the_file_line_and_keys(content, message, tmp_path):
     path = tmp_path / "pairs.jsonl"
     if content is not None:
         path.write_text(content + "\n", encoding="utf-8")
@@ -310,7 +408,7 @@ def test_dataset_from_file_keeps_held_out_prompts_out_and_the_judge_apart(tmp_pa
     rows = [{"prompt": f"\n\nHuman: question {i % 50}?\n\nAssistant:", "chosen": f" answer {i}", "rejected": " no"}
             for i in range(200)] + [{"prompt": "tie", "chosen": " same", "rejected": " same"}]
     cfg = rlhf.Config(data=write_pairs(tmp_path / "p.jsonl", rows), n_pref=100, n_judge=60, n_sft=80)
-    data, notes = rlhf.dataset_from_file(cfg)
+    data, notes, chat = rlhf.dataset_from_file(cfg)
     held = {p["prompt"] for p in data["prompts"] if p["split"] == "heldout"}
     assert len(held) == 10 and all(p["family"] is None for p in data["prompts"])
     for name in ("sft_train", "prefs_train", "prefs_judge"):
@@ -320,7 +418,7 @@ def test_dataset_from_file_keeps_held_out_prompts_out_and_the_judge_apart(tmp_pa
     assert not {key(r) for r in data["prefs_train"]} & {key(r) for r in data["prefs_judge"]}
     assert len(data["prefs_train"]) == 100 and len(data["prefs_judge"]) == 60 and len(data["sft_train"]) == 80
     assert {(r["prompt"], r["response"]) for r in data["sft_train"]} <= {key(r) for r in data["prefs_train"]}
-    assert any("1 pair(s) dropped: chosen equal to rejected" in n for n in notes)
+    assert any("1 row(s) dropped: chosen equal to rejected" in n for n in notes) and not chat
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -499,6 +597,8 @@ def test_generate_masks_everything_after_the_first_end_token(tmp_path):
 
 
 def test_policy_forward_gives_each_response_token_the_value_of_the_state_before_it(tmp_path):
+    ex = "exercise 13 (policy_forward):"
+    position_ids_first(13)
     tok = tiny_tokenizer(tmp_path)
     model = tiny_lm(tok)
     head = torch.nn.Linear(32, 1)
@@ -506,15 +606,27 @@ def test_policy_forward_gives_each_response_token_the_value_of_the_state_before_
     ids, mask, P = torch.tensor([q + r]), torch.ones(1, len(q) + len(r), dtype=torch.long), len(q)
     with torch.no_grad():
         logits, values = rlhf.policy_forward(model, head, ids, mask, P, 0.7)
-        assert torch.allclose(logits, rlhf.response_logits(model, ids, mask, P, 0.7), atol=1e-5)
         changed = ids.clone()
         changed[0, -1] = (changed[0, -1] + 1) % 200  # another last response token
         logits2, values2 = rlhf.policy_forward(model, head, changed, mask, P, 0.7)
-    assert values.shape == (1, len(r)) and logits.shape[:2] == (1, len(r))
+        full = model(input_ids=ids, output_hidden_states=True)
+    assert values.shape == (1, len(r)) and logits.shape[:2] == (1, len(r)), \
+        f"{ex} one logit vector and one value per response token: (B, R, V) and (B, R)"
+    # the logits that predict y_t come from position P − 1 + t, divided by the sampling temperature
+    assert torch.allclose(logits[0], full.logits[0, P - 1:-1] / 0.7, atol=1e-5), \
+        f"{ex} the logits at position P − 1 + t predict response token t (shift by one), divided by the temperature"
     # V(s_t) and the logits that predict y_t are computed before y_t is seen: changing y_t changes neither
-    assert torch.allclose(values, values2, atol=1e-6) and torch.allclose(logits, logits2, atol=1e-6)
-    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-    assert torch.allclose(values[0], head(hidden[0, P - 1:-1]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(values, values2, atol=1e-6) and torch.allclose(logits, logits2, atol=1e-6), \
+        f"{ex} nothing may depend on the token it predicts or values: read position P − 1 + t for token t"
+    assert torch.allclose(values[0], head(full.hidden_states[-1][0, P - 1:-1]).squeeze(-1), atol=1e-5), \
+        f"{ex} V(s_t) is the value head on the last hidden state at position P − 1 + t"
+    # left padding changes nothing: positions count real tokens only
+    padded = torch.cat([torch.full((1, 3), tok.pad_token_id), ids], 1)
+    pmask = torch.cat([torch.zeros(1, 3, dtype=torch.long), mask], 1)
+    with torch.no_grad():
+        logits3, values3 = rlhf.policy_forward(model, head, padded, pmask, P + 3, 0.7)
+    assert torch.allclose(logits3, logits, atol=1e-4) and torch.allclose(values3, values, atol=1e-4), \
+        f"{ex} with 3 pad tokens on the left the results must not change: pass position_ids(mask)"
 
 
 # ---------------------------------------------------------------------------- stage 1: SFT
@@ -572,11 +684,12 @@ def test_reward_model_learns_a_toy_preference(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     rm = tiny_scalar_model(tok, tmp_path / "lm")
     rows = [dict(prompt="Human: hi Assistant:", chosen=" good", rejected=" bad")] * 8
-    examples, _ = rlhf.tokenize(tok, rows, rlhf.Config(), keys=("chosen", "rejected"))
+    items = rlhf.comparisons(tok, rows, rlhf.Config())
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     for _ in range(30):
-        r = rlhf.reward_at_last_token(rm, *rlhf.pair_batch(examples, tok, CPU))
-        loss = rlhf.bradley_terry_loss(r[:8], r[8:])
+        ids, mask, better, worse = rlhf.comparison_batch(items, tok, CPU)
+        r = rlhf.reward_at_last_token(rm, ids, mask)
+        loss = rlhf.bradley_terry_loss(r[better], r[worse])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -615,29 +728,82 @@ def test_rm_scores_normalise_and_give_unended_responses_the_constant(tmp_path):
     assert got[2].item() == -3.0  # the constant, whatever the reward model reads, for one that never ended
 
 
-def test_rm_accuracy_counts_agreement_with_labels_and_with_gold(tmp_path):
+def test_comparisons_of_pairs_and_rankings_and_their_batch(tmp_path):
     tok = tiny_tokenizer(tmp_path)
-    rm = tiny_scalar_model(tok, tmp_path / "lm")
-    pairs = [dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=1.0, gold_rejected=-1.0, family="helpful"),
-             dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=-1.0, gold_rejected=1.0, family="honest"),
-             dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=0.0, gold_rejected=0.0, family="honest")]
-    examples, _ = rlhf.tokenize(tok, pairs, rlhf.Config(), keys=("chosen", "rejected"))
-    with torch.no_grad():
-        r = rlhf.reward_at_last_token(rm, *rlhf.pair_batch(examples[:1], tok, CPU))
-    says_chosen = r[0].item() > r[1].item()  # the same texts in every pair: one answer for all three
-    acc = rlhf.rm_accuracy(rm, tok, pairs, examples, CPU)
-    assert acc["acc_label"] == (1.0 if says_chosen else 0.0)
-    assert acc["acc_gold"] == 0.5 and acc["acc_gold_helpful"] == float(says_chosen)  # the tie is left out
-    assert acc["acc_gold_honest"] == float(not says_chosen)
+    rows = [dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=1.0, gold_rejected=-1.0, family="helpful"),
+            # a ranking of three: b first, then c and a, equally good ("about the same": no comparison between them)
+            dict(prompt="R", responses=[" a", " b", " c"], rank=[2, 0, 1], gold=[0.0, 1.0, 0.0], family="honest")]
+    items = rlhf.comparisons(tok, rows, rlhf.Config())
+    assert items[0]["better"] == [(0, 1)] and items[1]["better"] == [(1, 0), (1, 2)]
+    assert items[1]["gold"] == [0.0, 1.0, 0.0] and items[0]["gold"] == [1.0, -1.0]
+    ids, mask, better, worse = rlhf.comparison_batch(items, tok, CPU)
+    assert ids.shape[0] == 5  # one row per response: 2 + 3
+    assert better.tolist() == [0, 3, 3] and worse.tolist() == [1, 2, 4]
+    texts = [tok.decode(i[m.bool()], skip_special_tokens=True) for i, m in zip(ids, mask)]
+    assert texts == ["Q a", "Q b", "R a", "R b", "R c"]
 
 
-def test_rm_accuracy_compares_the_two_rewards_not_their_signs(tmp_path, monkeypatch):
+def test_rm_accuracy_counts_agreement_with_labels_and_with_gold(tmp_path, monkeypatch):
     tok = tiny_tokenizer(tmp_path)
-    pairs = [dict(prompt="Q", chosen=" a", rejected=" b")] * 3
-    examples, _ = rlhf.tokenize(tok, pairs, rlhf.Config(), keys=("chosen", "rejected"))
-    # rows are [chosen..., rejected...]: every chosen scores +1, every rejected +2 (both positive)
-    monkeypatch.setattr(rlhf, "reward_at_last_token", lambda rm, ids, mask: torch.tensor([1.0] * 3 + [2.0] * 3))
-    assert rlhf.rm_accuracy(None, tok, pairs, examples, CPU)["acc_label"] == 0.0
+    rows = [dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=1.0, gold_rejected=-1.0, family="helpful"),
+            dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=-1.0, gold_rejected=1.0, family="honest"),
+            dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=0.0, gold_rejected=0.0, family="honest")]
+    # rows of a batch: a scores +1 and b +2 (both positive: the two rewards are compared, not their signs)
+    monkeypatch.setattr(rlhf, "reward_at_last_token", lambda rm, ids, mask: torch.tensor([1.0, 2.0] * (len(ids) // 2)))
+    acc = rlhf.rm_accuracy(None, tok, rlhf.comparisons(tok, rows, rlhf.Config()), CPU)
+    assert acc["acc_label"] == 0.0  # it prefers b, the labels a
+    assert acc["acc_gold"] == 0.5 and acc["acc_gold_helpful"] == 0.0 and acc["acc_gold_honest"] == 1.0  # the tie left out
+
+
+def test_own_rankings_rank_the_policys_different_ended_samples_with_the_crowds_noise(tmp_path, monkeypatch):
+    rlhf.save_tokenizer({}, str(tmp_path), 256)
+    tok = rlhf.load_tokenizer(str(tmp_path))
+    texts = [" Your bike is red.", " Sorry, I can't help with that.", " Your bike is red.", " I don't know.",
+             " Your bike is blue.", " Your bike is red. Ugh"]  # sample n of prompt j is row j + 2n; the last never ends
+
+    def fake_generate(policy, tok_, prompt_ids, cfg_, device):  # 2 prompts x 3 samples: (B·k, R)
+        r_ids, r_mask = rlhf.pad_right([encode_plain(tok, t) + [tok.eos_token_id] for t in texts], tok.pad_token_id)
+        q_ids, q_mask = rlhf.pad_left(prompt_ids, tok.pad_token_id)
+        return q_ids, q_mask, r_ids, r_mask, torch.tensor([True] * 5 + [False])
+    monkeypatch.setattr(rlhf, "generate", fake_generate)
+    car = dict(CAR)
+    cfg = rlhf.Config(rm_samples=3, max_new_tokens=40, label_temperature=0.5)
+    rows = rlhf.own_rankings(None, tok, [BIKE, car], cfg, CPU, random.Random(0))
+    # bike: red (sampled twice: one response), blue; car: a refusal and "I don't know" (the unended one left out)
+    assert [r["responses"] for r in rows] == [[" Your bike is red.", " Your bike is blue."],
+                                             [" Sorry, I can't help with that.", " I don't know."]]
+    assert rows[0]["gold"] == [1.0, -1.0] and rows[1]["gold"] == [1.0, -0.5] and rows[1]["family"] == "harmless"
+    # the ranking's noise is the annotator's: P(better first) = σ(Δgold / T); over many rankings of the bike pair
+    firsts = [rlhf.own_rankings(None, tok, [BIKE], dataclasses.replace(cfg, rm_samples=3), CPU, random.Random(i))[0]["rank"][0]
+              for i in range(400)]
+    assert sum(r == 0 for r in firsts) / 400 == pytest.approx(1 / (1 + math.exp(-2 / 0.5)), abs=0.03)
+
+
+def test_ensemble_reward_by_each_rule():
+    ex = "exercise 15 (ensemble_reward):"
+    scores = torch.tensor([[1.0, 0.0, -1.0], [3.0, 0.0, 2.0]])   # 2 reward models x 3 responses
+    got = rlhf.ensemble_reward(scores, "mean", 1.0)
+    assert got.shape == (3,) and torch.allclose(got, torch.tensor([2.0, 0.0, 0.5])), \
+        f"{ex} 'mean' averages each response's scores over the models (dim 0): expected [2, 0, 0.5], got {got.tolist()}"
+    got = rlhf.ensemble_reward(scores, "min", 1.0)
+    assert torch.allclose(got, torch.tensor([1.0, 0.0, -1.0])), f"{ex} 'min' keeps each response's worst score, got {got.tolist()}"
+    # mean − λ·std, the population std over the models: [1, 3] -> 1, [−1, 2] -> 1.5
+    got = rlhf.ensemble_reward(scores, "mean_minus_std", 2.0)
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, -2.5])), \
+        f"{ex} 'mean_minus_std' with λ 2: mean − λ·std (std over the models, correction=0): expected [0, 0, −2.5], got {got.tolist()}"
+    one = torch.tensor([[0.3, -0.7]])                              # one model: every rule gives its score
+    for rule in ("mean", "min", "mean_minus_std"):
+        assert torch.equal(rlhf.ensemble_reward(one, rule, 1.0), one[0]), f"{ex} with one model, '{rule}' is its score"
+
+
+def test_rm_agreement_counts_pairs_of_one_prompt_with_different_gold():
+    recs = [dict(prompt="p", gold=1.0, rm=0.9), dict(prompt="p", gold=-1.0, rm=0.1), dict(prompt="p", gold=-1.0, rm=0.5),
+            dict(prompt="q", gold=0.5, rm=0.0), dict(prompt="q", gold=-0.5, rm=0.0), dict(prompt="r", gold=1.0, rm=-5.0)]
+    # p: (1, −1) twice, both right; the two −1 are not a pair; q: an RM tie counts half; r and p never pair
+    assert rlhf.rm_agreement(recs) == (pytest.approx((1 + 1 + 0.5) / 3), 3)
+    recs[1]["rm"] = 2.0  # now the RM prefers the wrong one of the first pair
+    assert rlhf.rm_agreement(recs) == (pytest.approx((0 + 1 + 0.5) / 3), 3)
+    assert rlhf.rm_agreement([dict(prompt="p", gold=1.0, rm=0.0)]) == (None, 0)
 
 
 # ---------------------------------------------------------------------------- stage 3: PPO
@@ -753,6 +919,26 @@ def test_make_experience_scores_whitens_and_shapes_the_rollout(tmp_path):
     assert rlhf.masked_mean(exp["advantages"], m).abs().item() < 1e-5
 
 
+def ppo_pieces_first(tmp_path):
+    """Exercise 14 (ppo_update) builds on exercises 3, 10, 11 and 13: say so, rather than fail inside the update."""
+    position_ids_first(14)
+    one, adv, m = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    assert rlhf.ppo_policy_loss(one, one, adv, m, 0.2)[0].item() == pytest.approx(0.0), \
+        "exercise 14 needs exercise 10 first: ppo_policy_loss at ratio 1 must be −mean(A)"
+    up = torch.full((1, 1), math.log(1.5))  # ratio 1.5 with A = 1: clipped at 1.2
+    assert rlhf.ppo_policy_loss(up, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), 0.2)[0].item() == pytest.approx(-1.2), \
+        "exercise 14 needs exercise 10 first: ppo_policy_loss must clip the ratio π/π_old (1.5 → 1.2 for A > 0)"
+    assert rlhf.ppo_value_loss(one + 0.5, one, one + 1, m, 0.2).item() == pytest.approx(0.5 * 0.8 ** 2), \
+        "exercise 14 needs exercise 11 first: ppo_value_loss must clip the change of V around V_old"
+    model, head = tiny_lm(tiny_tokenizer(tmp_path / "pieces")), torch.nn.Linear(32, 1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        logits, values = rlhf.policy_forward(model, head, ids, torch.ones_like(ids), 2, 1.0)
+        want = model(input_ids=ids).logits[0, 1:-1]
+    assert logits.shape[1] == 2 and torch.allclose(logits[0], want, atol=1e-5), \
+        "exercise 14 needs exercise 13 first: policy_forward's logits must predict each response token"
+
+
 def ppo_toy(tmp_path):
     """A policy, a zero value head, and a rollout of two responses to one prompt (A = +1 and −1)."""
     tok = tiny_tokenizer(tmp_path)
@@ -774,13 +960,17 @@ def ppo_toy(tmp_path):
 def test_ppo_update_clips_against_the_rollout_policy(tmp_path):
     """After a few large steps the ratio π/π_old leaves [1 − ε, 1 + ε] and clipping acts; a ratio taken
     against the current policy itself (always 1) would never clip."""
+    ppo_pieces_first(tmp_path)
     policy, head, exp = ppo_toy(tmp_path)
     cfg = rlhf.Config(ppo_epochs=8, minibatch_size=2, clip_range=0.05)
     opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=3e-2)
-    assert rlhf.ppo_update(policy, head, opt, exp, cfg)["clipfrac"] > 0
+    assert rlhf.ppo_update(policy, head, opt, exp, cfg)["clipfrac"] > 0, \
+        "exercise 14 (ppo_update): after large steps some ratios leave [1 − ε, 1 + ε]; take the ratio against " \
+        "exp['old_logprobs'], the policy that sampled, not against the current policy"
 
 
 def test_ppo_update_starts_each_minibatch_from_zero_gradients(tmp_path, monkeypatch):
+    ppo_pieces_first(tmp_path)
     policy, head, exp = ppo_toy(tmp_path)
     opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
     monkeypatch.setattr(opt, "step", lambda: None)  # keep the weights: every update sees the same loss
@@ -788,7 +978,43 @@ def test_ppo_update_starts_each_minibatch_from_zero_gradients(tmp_path, monkeypa
     rlhf.ppo_update(policy, head, opt, exp, cfg)
     one = [p.grad.clone() for p in policy.parameters()]
     rlhf.ppo_update(policy, head, opt, exp, rlhf.Config(ppo_epochs=3, minibatch_size=2, max_grad_norm=1e9))
-    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(policy.parameters(), one))  # not 2x or 4x
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(policy.parameters(), one)), \
+        "exercise 14 (ppo_update): each minibatch's gradient must start from zero (opt.zero_grad before backward)"
+
+
+def test_ppo_update_takes_one_clipped_step_per_minibatch(tmp_path, monkeypatch):
+    ppo_pieces_first(tmp_path)
+    policy, head, exp = ppo_toy(tmp_path)
+    opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
+    norms, steps, clip = [], [], torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        out = clip(params, max_norm, *a, **k)
+        norms.append(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item())
+        return out
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    real_step = opt.step
+    monkeypatch.setattr(opt, "step", lambda: (steps.append(1), real_step()))
+    exp4 = {k: (torch.cat([v, v]) if torch.is_tensor(v) else v) for k, v in exp.items()}  # 4 responses
+    rlhf.ppo_update(policy, head, opt, exp4, rlhf.Config(ppo_epochs=3, minibatch_size=2, max_grad_norm=1e-3))
+    assert len(steps) == 3 * 2, f"exercise 14 (ppo_update): 3 epochs x 2 minibatches of 2 should be 6 Adam steps, not {len(steps)}"
+    assert len(norms) == 6 and max(norms) <= 1e-3 * 1.001, \
+        "exercise 14 (ppo_update): clip the gradient norm to cfg.max_grad_norm before every step"
+
+
+def test_ppo_update_policy_loss_never_trains_the_value_head(tmp_path):
+    """The advantages come from the rollout, fixed: with vf_coef 0 the value head gets no gradient at all."""
+    ppo_pieces_first(tmp_path)
+    policy, head, exp = ppo_toy(tmp_path)
+    before = [p.detach().clone() for p in head.parameters()]
+    opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
+    rlhf.ppo_update(policy, head, opt, exp, rlhf.Config(ppo_epochs=2, minibatch_size=2, vf_coef=0.0))
+    assert all(torch.equal(p, b) for p, b in zip(head.parameters(), before)), \
+        "exercise 14 (ppo_update): with vf_coef 0 the value head must not change: use the rollout's advantages " \
+        "(exp['advantages'], fixed), not ones computed from the values being trained"
+    assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), ppo_toy(tmp_path / "again")[0].parameters())), \
+        "exercise 14 (ppo_update): the policy must be updated"
 
 
 def test_my_part_gives_each_process_every_world_th_item(monkeypatch):
@@ -799,19 +1025,22 @@ def test_my_part_gives_each_process_every_world_th_item(monkeypatch):
 
 
 def test_ppo_update_raises_the_log_prob_of_good_tokens_and_fits_the_value_head(tmp_path):
+    ex = "exercise 14 (ppo_update):"
+    ppo_pieces_first(tmp_path)
     policy, head, exp = ppo_toy(tmp_path)
     ids, mask, P, r_ids, r_mask, old = (exp[k] for k in ("ids", "mask", "n_prompt", "r_ids", "r_mask", "old_logprobs"))
     cfg = rlhf.Config(ppo_epochs=1, minibatch_size=2, clip_range=0.2, vf_coef=1.0, ppo_lr=1e-2)
     opt = torch.optim.Adam([*policy.parameters(), *head.parameters()], lr=1e-2)
     stats = rlhf.ppo_update(policy, head, opt, exp, cfg)
-    assert set(stats) == {"pg_loss", "vf_loss", "clipfrac", "approx_kl"}
-    assert stats["pg_loss"] == pytest.approx(0.0, abs=1e-6)  # at ratio 1: −mean(A), here A sums to 0
+    assert set(stats) == {"pg_loss", "vf_loss", "clipfrac", "approx_kl"}, f"{ex} return the mean of each statistic"
+    assert stats["pg_loss"] == pytest.approx(0.0, abs=1e-6), f"{ex} at ratio 1 the policy loss is −mean(A) = 0 here"
     with torch.no_grad():
         logits, values = rlhf.policy_forward(policy, head, ids, mask, P, 1.0)
         new = rlhf.logprobs_of(logits, r_ids)
     gain = ((new - old) * r_mask).sum(1)
-    assert gain[0] > 0 > gain[1]  # the good response (A > 0) became likelier, the bad one less likely
-    assert ((values - 0.15).abs() * r_mask).sum() < (0.15 * r_mask).sum()  # the values moved toward the returns
+    assert gain[0] > 0 > gain[1], f"{ex} the response with A > 0 must become likelier, the one with A < 0 less likely"
+    assert ((values - 0.15).abs() * r_mask).sum() < (0.15 * r_mask).sum(), \
+        f"{ex} the values must move toward the returns: add vf_coef · the value loss to the loss"
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -860,6 +1089,98 @@ def test_the_evaluation_compares_ppo_with_sft(smoke_run, tmp_path):
     assert figures["ppo"]["kl"] > 1.0 and figures["sft"]["kl"] == pytest.approx(0, abs=1e-5)
 
 
+# ---------------------------------------------------------------------------- beyond PPO: best-of-n, DPO, RLOO, GRPO
+
+def test_best_of_n_gold_is_the_mean_over_subsets_of_the_reward_models_pick():
+    assert rlhf.best_of_n_gold([0, 1, 2], [5, 7, 9], 2) == pytest.approx((7 + 9 + 9) / 3)
+    rng = random.Random(0)
+    rewards, golds = [rng.random() for _ in range(7)], [rng.choice([-1, -0.5, 1]) for _ in range(7)]
+    for n in (1, 3, 7):  # against the direct mean over every n-subset
+        subsets = list(itertools.combinations(range(7), n))
+        direct = sum(golds[max(c, key=lambda i: rewards[i])] for c in subsets) / len(subsets)
+        assert rlhf.best_of_n_gold(rewards, golds, n) == pytest.approx(direct)
+    assert rlhf.best_of_n_gold(rewards, golds, 1) == pytest.approx(sum(golds) / 7)  # n 1: a plain sample
+    # tied rewards: either could be kept, so they count as their mean
+    assert rlhf.best_of_n_gold([0, 1, 1], [0, 1, -1], 3) == pytest.approx(0.0)
+
+
+def test_best_of_n_kl_formula_and_estimate():
+    ex = "exercise 19 (best_of_n_kl):"
+    formula, estimate = rlhf.best_of_n_kl([1.0, 1.0], 4)  # one response only: choosing changes nothing
+    assert formula == pytest.approx(math.log(4) - 3 / 4), f"{ex} the formula is log n − (n−1)/n"
+    assert estimate == 0.0, f"{ex} one response, sampled twice: best-of-4 is the same distribution, KL 0 (got {estimate})"
+    # two responses, shares 1/2: best-of-2 keeps the better one with probability 3/4
+    got = rlhf.best_of_n_kl([0.0, 1.0], 2)[1]
+    assert got == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5)), \
+        f"{ex} KL(best-of-n ‖ π) = Σ π_n log(π_n / p), with π_n = F^n − F_prev^n: expected 0.131 for [0, 1], n 2, got {got:.3f}"
+    # shares 1/4 and 3/4: best-of-2 keeps the better (3/4) response with probability 1 − (1/4)², the other 1/16
+    want = (1 / 16) * math.log((1 / 16) / (1 / 4)) + (15 / 16) * math.log((15 / 16) / (3 / 4))
+    got = rlhf.best_of_n_kl([0.0, 1.0, 1.0, 1.0], 2)[1]
+    assert got == pytest.approx(want), \
+        f"{ex} rewards [0, 1, 1, 1], n 2: the higher reward is kept with probability 15/16: expected {want:.4f}, got {got:.4f}"
+    assert rlhf.best_of_n_kl([0.0, 1.0], 1) == (0.0, 0.0), f"{ex} n 1 is a plain sample: KL 0"
+    distinct = [i / 5000 for i in range(5000)]           # no two alike: the estimate meets the formula
+    for n in (2, 8, 32):
+        formula, estimate = rlhf.best_of_n_kl(distinct, n)
+        assert estimate == pytest.approx(formula, abs=0.01) and estimate <= formula + 1e-9, \
+            f"{ex} with no two responses alike the estimate is close to the formula and below it"
+
+
+def test_dpo_loss_value_sign_and_implicit_rewards():
+    ex = "exercise 16 (dpo_loss):"
+    z = torch.zeros(3)
+    loss, rc, rr = rlhf.dpo_loss(z, z, z, z, 0.1)
+    assert loss.item() == pytest.approx(math.log(2)) and torch.equal(rc, z), \
+        f"{ex} the policy equal to the reference: loss log 2, implicit rewards 0"
+    # chosen up by 1 nat against the reference, rejected down by 1: margin β·2
+    loss, rc, rr = rlhf.dpo_loss(torch.tensor([-1.0]), torch.tensor([-4.0]), torch.tensor([-2.0]), torch.tensor([-3.0]), 0.5)
+    assert rc.item() == pytest.approx(0.5) and rr.item() == pytest.approx(-0.5), \
+        f"{ex} implicit rewards β·(log π − log π_ref): expected 0.5 and −0.5, got {rc.item():.3f} and {rr.item():.3f}"
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0)))), \
+        f"{ex} loss −log σ(r_chosen − r_rejected) = −log σ(1) here, got {loss.item():.4f}"
+    # the gradient raises the chosen log-prob and lowers the rejected one
+    c, r = torch.tensor([-1.0], requires_grad=True), torch.tensor([-1.0], requires_grad=True)
+    rlhf.dpo_loss(c, r, torch.tensor([-1.0]), torch.tensor([-1.0]), 0.1)[0].backward()
+    assert c.grad.item() < 0 < r.grad.item(), f"{ex} minimising the loss must raise log π(chosen) and lower log π(rejected)"
+    assert c.grad.item() == pytest.approx(-0.1 * 0.5), f"{ex} at margin 0 the gradient on log π(chosen) is −β·σ(0)"
+    # a badly ranked pair with a huge margin: the loss is large, not infinite
+    big = rlhf.dpo_loss(torch.tensor([-3000.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), 1.0)[0]
+    assert big.item() == pytest.approx(2999.0), f"{ex} a margin of −2999 must give a loss of 2999, not inf: use F.logsigmoid"
+    two = rlhf.dpo_loss(torch.tensor([0.0, 1.0]), z[:2], z[:2], z[:2], 1.0)[0].item()
+    assert two == pytest.approx((math.log(2) - math.log(1 / (1 + math.exp(-1)))) / 2), f"{ex} average over the pairs"
+
+
+def test_rloo_advantages_leave_each_sample_out_of_its_own_baseline():
+    ex = "exercise 17 (rloo_advantages):"
+    got = rlhf.rloo_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), 3)
+    want = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0.0])
+    assert torch.allclose(got, want), \
+        f"{ex} k 3, two prompts [1, 2, 6] and [0, 0, 3]: R_i minus the mean of the other two; expected {want.tolist()}, got {got.tolist()}"
+    got = rlhf.rloo_advantages(torch.tensor([1.0, 3.0]), 2)
+    assert torch.allclose(got, torch.tensor([-2.0, 2.0])), f"{ex} k 2: each sample against the other one, got {got.tolist()}"
+    assert rlhf.rloo_advantages(torch.tensor([5.0] * 4), 4).abs().max() == 0, f"{ex} equal rewards: no advantage"
+
+
+def test_grpo_advantages_normalise_within_each_group():
+    ex = "exercise 18 (grpo_advantages):"
+    got = rlhf.grpo_advantages(torch.tensor([1.0, 3.0, 10.0, 10.0, 10.0, 40.0]), 3)
+    g1, g2 = torch.tensor([1.0, 3.0, 10.0]), torch.tensor([10.0, 10.0, 40.0])
+    want = torch.cat([(g1 - g1.mean()) / (g1.std() + 1e-4), (g2 - g2.mean()) / (g2.std() + 1e-4)])
+    assert torch.allclose(got, want, atol=1e-4), \
+        f"{ex} each group of k = 3 against its own mean, divided by its own std: expected {want.tolist()}, got {got.tolist()}"
+    got = rlhf.grpo_advantages(torch.tensor([1.0, 3.0]), 2)
+    assert torch.allclose(got, torch.tensor([-0.7071, 0.7071]), atol=1e-4), f"{ex} [1, 3]: ±1/√2 (std with Bessel's correction)"
+    got = rlhf.grpo_advantages(torch.tensor([2.0, 2.0]), 2)
+    assert torch.isfinite(got).all() and got.abs().max() == 0, f"{ex} a group with no spread has no advantage (add ε), got {got.tolist()}"
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
+    lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    assert rlhf.k3_kl(lp, lp).abs().max() == 0
+    ref = torch.tensor([[-2.0, -1.0, -0.5]])
+    assert torch.allclose(rlhf.k3_kl(lp, ref), torch.tensor([[math.exp(-1) + 1 - 1, math.exp(1) - 1 - 1, 0.0]]))
+
+
 # ---------------------------------------------------------------------------- end to end
 
 def test_all_stages_end_to_end(smoke_run):
@@ -893,15 +1214,149 @@ def test_course_tables_and_plots_read_a_finished_run(smoke_run, tmp_path, capsys
     import course
     course.plot_sweep([str(smoke_run)], str(tmp_path / "sweep.png"))
     course.plot_costs(str(smoke_run), str(tmp_path / "cost.png"))
-    rows = course.plot_seeds([str(smoke_run)], str(tmp_path / "seeds.png"))
     s = json.load(open(smoke_run / "summary.json"))
-    assert rows[0]["win"] == s["eval"]["win_rate_gold"]["rate"] and rows[0]["rm"] == s["rm"]["heldout"]["acc_gold"]
-    assert f"{s['eval']['win_rate_gold']['rate']:.3f}" in capsys.readouterr().out
+    row = course.seed_row("smoke", s)
+    course.plot_seeds([row], str(tmp_path / "seeds.png"))
+    assert row["win"] == s["eval"]["win_rate_gold"]["rate"] and row["rm"] == s["rm"]["heldout"]["acc_gold"]
+    assert f"{s['eval']['win_rate_gold']['rate']:.3f}" in course.seeds_table([row])
+    assert row["wv_ppo"] == s["eval"]["ppo"]["kinds_helpful"]["wrong value"] and 0 <= row["ceiling"] <= 1
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("sweep.png", "cost.png", "seeds.png"))
-    course.probe_rm(str(smoke_run), n=4)
-    probe = [line for line in capsys.readouterr().out.splitlines() if "RM score" in line]
-    assert [line.split("RM score")[0].split(None, 1)[1].strip() for line in probe] == [
-        "the told value", "another value", "I don't know.", "I don't know.", "Sorry, I can't help with that."]
+    rows = course.probe_rm(str(smoke_run), n=4)
+    assert [(r["family"], r["answer"]) for r in rows] == [(f, a) for f, answers in course.PROBE.items() for a in answers]
+    assert json.load(open(smoke_run / "probe.json")) == rows
+
+
+def jsonl_rows(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_report_to_tensorboard_logs_every_metric_row_and_the_config(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    rlhf.main(["--stage", "all", "--out_dir", str(out), "--report_to", "tensorboard"] + SMOKE)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    for stage in ("sft", "rm", "judge", "ppo"):
+        rows = jsonl_rows(out / f"{stage}_metrics.jsonl")
+        for key in {k for r in rows for k in r if k != "step"}:
+            logged = events.Scalars(f"{stage}/{key}")
+            assert [e.step for e in logged] == [r["step"] for r in rows if key in r], (stage, key)
+            assert [e.value for e in logged] == pytest.approx([r[key] for r in rows if key in r], rel=1e-6)
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "sft_steps: 8" in text and "report_to: 'tensorboard'" in text
+    assert "eval/win_rate_gold/rate" in events.Tensors("summary/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def wandb_records(folder):
+    """The records of an offline W&B run, read with W&B's own protobuf classes from its .wandb file (LevelDB's
+    log format: 32 KiB blocks of records with a 7-byte header: CRC, length, type)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    path = next(folder.glob("wandb/offline-run-*/run-*.wandb"))
+    raw, pos, out, part = path.read_bytes(), 7, [], b""
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", raw[pos + 4:pos + 7])
+        part, pos = part + raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last part of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            out.append(record)
+            part = b""
+    return out
+
+
+def test_report_to_wandb_offline_logs_every_metric_row_and_the_config(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default: nothing leaves the machine
+    out = tmp_path / "run"
+    rlhf.main(["--stage", "all", "--out_dir", str(out), "--report_to", "wandb"] + SMOKE)
+    for _ in range(100):  # W&B's service process may still be writing the file when finish() returns
+        records = wandb_records(out)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "run"
+              for i in r.run.config.update}
+    assert config["sft_steps"] == 8 and config["report_to"] == "wandb"
+    for stage in ("sft", "rm", "judge", "ppo"):
+        rows = jsonl_rows(out / f"{stage}_metrics.jsonl")
+        logged = [h for h in history if f"{stage}/step" in h]
+        assert [h[f"{stage}/step"] for h in logged] == [r["step"] for r in rows], stage
+        assert all(h[f"{stage}/{k}"] == pytest.approx(v) for h, r in zip(logged, rows) for k, v in r.items() if k != "step")
+
+
+def test_report_to_without_its_package_is_one_line_naming_the_install(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_trackers(name, *args, **kwargs):
+        if name.startswith(("wandb", "torch.utils.tensorboard")):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_trackers)
+    for tracker in ("tensorboard", "wandb"):
+        with pytest.raises(SystemExit) as e:
+            rlhf.main(["--stage", "data", "--out_dir", str(tmp_path / "run"), "--report_to", tracker])
+        assert str(e.value.code) == f"rlhf.py: error: --report_to {tracker} needs its package: pip install {tracker}"
+
+
+# Every numeric flag at the ends of the range check_config accepts, on the stage that reads it (and the stages
+# after it where the flag changes what they get): the run finishes, or stops with one line before any stage runs.
+BOUNDARIES = {
+    "data, low": (["all"], ["--n_sft", "1", "--n_pref", "1", "--n_judge", "1", "--crowd_accuracy", "0", "--heldout_frac", "0",
+                            "--label_temperature", "0.01", "--eval_prompts", "1", "--eval_samples", "1"]),
+    "data, high": (["all"], ["--crowd_accuracy", "1", "--heldout_frac", "0.99", "--label_temperature", "1000",
+                             "--eval_prompts", "100000"]),
+    "tokenizer and model, low": (["tokenizer", "sft"], ["--vocab_size", "258", "--n_layer", "1", "--n_embd", "2",
+                                                        "--n_head", "2", "--n_positions", "9"]),
+    "sft, low": (["sft"], ["--sft_steps", "1", "--sft_batch_size", "1", "--sft_lr", "1e-9", "--warmup_frac", "0",
+                           "--weight_decay", "0", "--max_grad_norm", "1e-9"]),
+    "sft, high": (["sft"], ["--sft_batch_size", "100000", "--sft_lr", "0.05", "--warmup_frac", "1", "--weight_decay", "10",
+                            "--max_grad_norm", "1e9"]),
+    "learning rates, high": (["sft"], ["--sft_lr", "1e6"]),  # diverges: one line that names the step, as it should
+    "rm, low": (["rm", "judge"], ["--rm_epochs", "1", "--rm_batch_size", "1", "--rm_lr", "1e-9", "--rm_samples", "2",
+                                  "--rm_ensemble", "1"]),
+    "rm, high": (["rm", "judge"], ["--rm_batch_size", "100000", "--rm_samples", "5", "--rm_ensemble", "2"]),
+    "ppo, low": (["ppo", "eval"], ["--ppo_steps", "1", "--rollout_batch_size", "1", "--minibatch_size", "1", "--ppo_epochs", "1",
+                                   "--ppo_lr", "1e-9", "--vf_coef", "0", "--clip_range", "0", "--value_clip_range", "0",
+                                   "--gamma", "0", "--lam", "0", "--kl_coef", "0", "--temperature", "0.01", "--max_new_tokens", "1",
+                                   "--rm_refresh", "1", "--rm_samples", "2", "--rm_combine_lambda", "0",
+                                   "--missing_eos_score=-1e9"]),
+    "ppo, high": (["ppo", "eval"], ["--ppo_steps", "3", "--rollout_batch_size", "8", "--minibatch_size", "8", "--vf_coef", "100",
+                                    "--clip_range", "1", "--value_clip_range", "1", "--gamma", "1", "--lam", "1", "--kl_coef", "100",
+                                    "--adaptive_kl", "--kl_target", "1e-9", "--kl_horizon", "8", "--temperature", "100",
+                                    "--rm_refresh", "100", "--rm_samples", "2", "--rm_combine", "mean_minus_std",
+                                    "--rm_combine_lambda", "1000"]),
+    "beyond PPO, low": (["bon", "dpo", "rloo", "grpo"], ["--bon_samples", "1", "--dpo_beta", "1e-9", "--dpo_lr", "1e-9",
+                                                         "--group_size", "2", "--rollout_batch_size", "2", "--minibatch_size", "1"]),
+    "beyond PPO, high": (["bon", "dpo", "rloo", "grpo"], ["--bon_samples", "3", "--dpo_beta", "1000", "--group_size", "8"]),
+}
+
+
+@pytest.mark.parametrize("case", BOUNDARIES)
+def test_every_numeric_flag_at_the_ends_of_its_range_runs(case, smoke_run, tmp_path):
+    stages, flags = BOUNDARIES[case]
+    out = tmp_path / "run"
+    if case == "learning rates, high":  # no learning rate is too high to accept; a loss that diverges is one line
+        shutil.copytree(smoke_run, out)
+        with pytest.raises(SystemExit, match=r"^rlhf.py: error: SFT loss became nan at step \d+; stopped without overwriting"):
+            rlhf.main(["--stage", "sft", "--out_dir", str(out)] + SMOKE + flags)
+        return
+    if stages == ["all"]:
+        rlhf.main(["--stage", "all", "--out_dir", str(out)] + SMOKE + flags)
+    else:
+        shutil.copytree(smoke_run, out)
+        for stage in stages:
+            rlhf.main(["--stage", stage, "--out_dir", str(out)] + SMOKE + flags)
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(stage in summary for stage in (rlhf.STAGES if stages == ["all"] else stages)), case
 
 
 def test_ppo_keeps_beta_fixed_by_default_and_adapts_it_with_adaptive_kl(smoke_run, tmp_path):
@@ -1013,6 +1468,45 @@ def test_any_causal_lm_from_a_local_folder(model_type, bos, tmp_path, small_merg
     assert json.loads((out / "summary.json").read_text())["eval"]["n_prompts"] == 24
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_chat_model_reads_its_own_template_and_ends_a_response_with_its_end_of_turn_token(tmp_path, small_merges):
+    """An instruction-tuned model's tokenizer carries a chat template: conversational rows are written with it
+    (the generation prompt added) for every stage, and a response ends with the template's end-of-turn token."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    folder, out = tmp_path / "chat", tmp_path / "run"
+    rlhf.save_tokenizer(small_merges, str(folder), 256)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    rows = [{"prompt": [msg("system", "Be brief."), msg("user", f"What is the capital of country{i}?")],
+             "chosen": [msg("assistant", f"City{i}.")], "rejected": [msg("assistant", "No idea.")]} for i in range(40)]
+    rlhf.main(["--stage", "all", "--data", write_pairs(tmp_path / "conv.jsonl", rows), "--model", str(folder),
+               "--out_dir", str(out)] + SMOKE)
+    pairs = [json.loads(line) for line in (out / "data" / "prefs_train.jsonl").read_text().splitlines()]
+    i = int(regex_number(pairs[0]["prompt"]))
+    assert pairs[0]["prompt"] == tok.apply_chat_template(rows[i]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert pairs[0]["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert pairs[0]["chosen"] == f"City{i}." and pairs[0]["rejected"] == "No idea."
+    run_tok = rlhf.load_tokenizer(str(out / "tokenizer"))
+    assert run_tok.eos_token == "<|im_end|>" and run_tok.pad_token not in ("<|im_end|>", None)
+    ex = rlhf.tokenize(run_tok, [dict(prompt=pairs[0]["prompt"], response="City7.")], rlhf.Config())[0][0]
+    assert ex["response"][-1] == run_tok.convert_tokens_to_ids("<|im_end|>")  # a response ends with the end of turn
+    assert "chat template" in " ".join(json.loads((out / "summary.json").read_text())["data"]["notes"])
+    # the data was written for this model's format: another model must write it again first
+    with pytest.raises(SystemExit, match="rerun `python rlhf.py --stage data"):
+        rlhf.main(["--stage", "tokenizer", "--out_dir", str(out)] + SMOKE)
+
+
+def regex_number(text):
+    return re.search(r"country(\d+)", text).group(1)
+
+
 def test_your_own_data_end_to_end_is_judged_by_the_judge(tmp_path):
     rows = []
     for i in range(300):
@@ -1089,7 +1583,7 @@ def test_tutorial_code_quotes_are_lines_of_rlhf_py():
 
 STEPS = {"make_dataset": ["make_dataset"], "train_bpe": ["train_bpe"], "stage_sft": ["stage_sft"],
          "train_reward_model": ["train_reward_model"], "stage_ppo": ["make_experience", "ppo_update", "stage_ppo"],
-         "stage_eval": ["stage_eval"]}
+         "stage_eval": ["compare_with_sft"]}
 
 
 @pytest.mark.parametrize("section", STEPS)
@@ -1148,6 +1642,46 @@ def test_tutorial_commands_parse(doc, at_least):
 
 
 @needs_course
+@pytest.mark.parametrize("doc", ["README.md", "tutorial.md"])
+def test_every_figure_of_the_docs_comes_from_its_stored_run(doc):
+    """Every number in a span (<!--f RUN PATH FORMAT-->) and every table in a block (<!--table NAME-->) is what
+    `python course.py docs` writes from assets/runs/: a figure edited by hand, or stated differently in two
+    places, fails here."""
+    import course
+    text = open(os.path.join(HERE, doc), encoding="utf-8").read()
+    assert course.SPAN.search(text) and course.BLOCK.search(text), f"{doc} has no figure spans or table blocks"
+    for m in course.SPAN.finditer(text):
+        assert m.group(2) == course.figure(m.group(1)), \
+            f"{doc}: <!--f {m.group(1)}--> says {m.group(2)!r}, the stored run says {course.figure(m.group(1))!r}; run `python course.py docs`"
+    for m in course.BLOCK.finditer(text):
+        assert m.group(2).rstrip("\n") == course.table(m.group(1)), \
+            f"{doc}: the table <!--table {m.group(1)}--> differs from its stored runs; run `python course.py docs`"
+
+
+@needs_course
+@pytest.mark.parametrize("doc", ["README.md", "tutorial.md"])
+def test_no_measured_number_in_the_docs_stands_outside_a_span(doc):
+    """A number with three decimals, or a range of decimals, is a measurement: it must come from a stored run.
+    Code blocks, spans, table blocks and the appendix of history are left out of the search."""
+    import course
+    text = open(os.path.join(HERE, doc), encoding="utf-8").read()
+    for pattern in (course.SPAN, course.BLOCK, re.compile(r"```.*?```", re.S),
+                    re.compile(r"<!-- history -->.*?<!-- /history -->", re.S)):
+        text = pattern.sub(" ", text)
+    loose = re.findall(r"[−+-]?\b\d+\.\d{3}\b|\b\d+\.\d+\s*[–-]\s*\d+\.\d+\b", text)
+    assert not loose, f"{doc}: measured-looking numbers outside a span: {loose[:10]}"
+
+
+def test_a_doc_figure_edited_by_hand_fails_the_check(tmp_path):
+    """The check above is not vacuous: change one digit of a span and it no longer matches its run."""
+    course = pytest.importorskip("course")
+    text = open(os.path.join(HERE, "tutorial.md"), encoding="utf-8").read()
+    m = next(m for m in course.SPAN.finditer(text) if re.search(r"\d", m.group(2)))
+    edited = text[:m.start(2)] + re.sub(r"\d", lambda d: str((int(d.group()) + 1) % 10), m.group(2), count=1) + text[m.end(2):]
+    assert course.render_docs(edited) != edited and course.render_docs(text) == text
+
+
+@needs_course
 def test_tutorial_has_every_exercise_with_its_grading_command():
     import course
     text = open(os.path.join(HERE, "tutorial.md"), encoding="utf-8").read()
@@ -1196,11 +1730,14 @@ def test_a_run_of_the_student_copy_names_the_first_missing_exercise(tmp_path):
 
 
 @needs_course
+@pytest.mark.skipif(not os.environ.get("RLHF_CHECK_EXERCISES"), reason="about 4 minutes on 2 cores: CI runs it "
+                    "(RLHF_CHECK_EXERCISES=1, or `python course.py check`)")
 def test_each_exercise_grader_fails_without_its_code_and_on_classic_mistakes():
     """course.py check: on the full rlhf.py each grading command passes; on the student copy it fails;
     with only that exercise blank it fails with that exercise's own error; and each of the classic wrong
     solutions in course.WRONG fails that exercise's grader, with a message naming the exercise, and
-    makes no other exercise's grader fail."""
+    makes no other exercise's grader fail. It runs 148 small pytest sessions, so the default suite leaves
+    it to CI (.ci/run sets RLHF_CHECK_EXERCISES=1 for a second pytest call)."""
     out = subprocess.run([sys.executable, os.path.join(HERE, "course.py"), "check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
