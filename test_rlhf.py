@@ -779,6 +779,40 @@ def test_own_rankings_rank_the_policys_different_ended_samples_with_the_crowds_n
     assert sum(r == 0 for r in firsts) / 400 == pytest.approx(1 / (1 + math.exp(-2 / 0.5)), abs=0.03)
 
 
+def test_the_rankings_train_the_reward_model_and_a_refresh_trains_the_one_ppo_is_scored_by(tmp_path, monkeypatch):
+    """The wiring of own_rankings into stage rm and into PPO's refreshes (a smoke model's samples are too alike to
+    rank, so the human's rankings are stood in for: three answers to each prompt, ranked by the gold score). The
+    reward model trains on the crowd's pairs and the rankings; each refresh trains the reward model PPO is scored
+    by, which is saved as ppo_rm/."""
+    def fake_rankings(policy, tok, prompts, cfg, device, rng):
+        rows = []
+        for p in prompts:
+            responses = [" Sorry, I can't help with that.", " I don't know.", " You live in Oslo."]
+            gold = [rlhf.gold_judge(p, r)[0] for r in responses]
+            order = sorted(range(3), key=lambda i: -gold[i])
+            if len(set(gold)) == 3:
+                rows.append(dict(prompt=p["prompt"], family=p["family"], responses=[responses[i] for i in order],
+                                 gold=[gold[i] for i in order], rank=[0, 1, 2]))
+        return rows
+    monkeypatch.setattr(rlhf, "own_rankings", fake_rankings)
+    out = tmp_path / "run"
+    rlhf.main(["--stage", "all", "--out_dir", str(out)] + SMOKE + ["--ppo_steps", "4", "--rm_refresh", "1"])
+    s = json.load(open(out / "summary.json"))
+    pairs, comparisons, batch = s["rm"]["pairs"], s["rm"]["ranked_comparisons"], 16
+    assert s["rm"]["rankings"] > 0 and comparisons == 3 * s["rm"]["rankings"]
+    assert len(jsonl_rows(out / "rm_metrics.jsonl")) > math.ceil(pairs / batch), "the rankings were not trained on"
+    assert [r["step"] for r in s["ppo"]["refreshes"]] == [2] and s["ppo"]["refreshes"][0]["rankings"] > 0
+    from transformers import AutoModelForSequenceClassification
+    old = AutoModelForSequenceClassification.from_pretrained(out / "rm")
+    new = AutoModelForSequenceClassification.from_pretrained(out / "ppo_rm")
+    assert any(not torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters())), "the refresh was not applied"
+    # trained again from SFT, the refreshed reward model is a new one: PPO must be scored by it from then on
+    rlhf.main(["--stage", "ppo", "--out_dir", str(out)] + SMOKE + ["--ppo_steps", "4", "--rm_refresh", "1",
+                                                                  "--rm_refresh_from", "sft"])
+    new = AutoModelForSequenceClassification.from_pretrained(out / "ppo_rm")
+    assert any(not torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters())), "the refresh was not applied"
+
+
 def test_ensemble_reward_by_each_rule():
     ex = "exercise 15 (ensemble_reward):"
     scores = torch.tensor([[1.0, 0.0, -1.0], [3.0, 0.0, 2.0]])   # 2 reward models x 3 responses
