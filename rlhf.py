@@ -1371,6 +1371,13 @@ def update_kl_coef(kl_coef, kl, cfg, n_samples):
     return kl_coef * (1 + error * n_samples / cfg.kl_horizon)
 
 
+def rollout(policy, tok, prompt_ids, cfg, device):
+    """Step 1: one response per prompt from the current policy, prompt and response as one sequence.
+    Returns ids, mask (B, P + R), P, r_ids (B, R), r_mask (B, R) as floats, ended (B,)."""
+    q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
+    return torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1], r_ids, r_mask.float(), ended
+
+
 @torch.no_grad()
 def make_experience(policy, value_head, ref, tok, prompt_ids, score_fn, kl_coef, cfg, device):
     """Steps 1-4 of a PPO iteration, without gradients: sample a response to each prompt, score it,
@@ -1380,9 +1387,7 @@ def make_experience(policy, value_head, ref, tok, prompt_ids, score_fn, kl_coef,
     """
     # 1. rollout: one response per prompt from the current policy
     t0 = time.time()
-    q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
-    ids, mask, P = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
-    r_maskf = r_mask.float()
+    ids, mask, P, r_ids, r_maskf, ended = rollout(policy, tok, prompt_ids, cfg, device)
     t1 = time.time()
     # 2. score: log-probs under π_old and π_ref, values V(s_t), and the score of each response
     with autocast(device):
@@ -1823,11 +1828,9 @@ def group_experience(policy, ref, tok, prompt_ids, score_fn, kl_coef, cfg, devic
     """Steps 1-3 of an RLOO or GRPO iteration: --group_size samples of each prompt (consecutive in the batch),
     their log-probs under the policy and the reference, their scores, and each sample's advantage from its
     group: no value head and no GAE. Returns the rollout, as make_experience does."""
-    # 1. rollout
+    # 1. rollout (as PPO's)
     t0 = time.time()
-    q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
-    ids, mask, P = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
-    r_maskf = r_mask.float()
+    ids, mask, P, r_ids, r_maskf, ended = rollout(policy, tok, prompt_ids, cfg, device)
     t1 = time.time()
     # 2. score
     with autocast(device):

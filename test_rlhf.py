@@ -348,6 +348,10 @@ FORMATS = {  # one row of each shape preference sets come in -> (prompt, chosen,
                                      ("\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: Bye?\n\nAssistant:", " Bye!", " Why would you leave?")),
     "a text prompt repeated in the responses": ({"prompt": "Summary:", "chosen": "Summary: short", "rejected": "Summary: long"},
                                                 ("Summary:", " short", " long")),
+    "the first turn as the prompt, whole conversations as responses": (
+        {"prompt": [msg("user", "Hi")], "chosen": [msg("user", "Hi"), msg("assistant", "Hey"), msg("user", "Bye?"), msg("assistant", "Bye!")],
+         "rejected": [msg("user", "Hi"), msg("assistant", "Hey"), msg("user", "Bye?"), msg("assistant", "Stay.")]},
+        ("\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: Bye?\n\nAssistant:", " Bye!", " Stay.")),
 }
 
 
@@ -774,9 +778,10 @@ def test_own_rankings_rank_the_policys_different_ended_samples_with_the_crowds_n
                                              [" Sorry, I can't help with that.", " I don't know."]]
     assert rows[0]["gold"] == [1.0, -1.0] and rows[1]["gold"] == [1.0, -0.5] and rows[1]["family"] == "harmless"
     # the ranking's noise is the annotator's: P(better first) = σ(Δgold / T); over many rankings of the bike pair
-    firsts = [rlhf.own_rankings(None, tok, [BIKE], dataclasses.replace(cfg, rm_samples=3), CPU, random.Random(i))[0]["rank"][0]
+    # (a high T, so that the noise shows: gold 1 against −1 at T 2 puts the right answer first with P σ(1) = 0.73)
+    firsts = [rlhf.own_rankings(None, tok, [BIKE], dataclasses.replace(cfg, label_temperature=2.0), CPU, random.Random(i))[0]["rank"][0]
               for i in range(400)]
-    assert sum(r == 0 for r in firsts) / 400 == pytest.approx(1 / (1 + math.exp(-2 / 0.5)), abs=0.03)
+    assert sum(r == 0 for r in firsts) / 400 == pytest.approx(1 / (1 + math.exp(-2 / 2.0)), abs=0.05)
 
 
 def test_the_rankings_train_the_reward_model_and_a_refresh_trains_the_one_ppo_is_scored_by(tmp_path, monkeypatch):
@@ -811,6 +816,57 @@ def test_the_rankings_train_the_reward_model_and_a_refresh_trains_the_one_ppo_is
                                                                   "--rm_refresh_from", "sft"])
     new = AutoModelForSequenceClassification.from_pretrained(out / "ppo_rm")
     assert any(not torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters())), "the refresh was not applied"
+
+
+def fake_generate_of(tok, texts):
+    """generate() that answers the i-th prompt with texts[i % len(texts)], every response ended."""
+    def fake_generate(policy, tok_, prompt_ids, cfg_, device):
+        rows = [texts[i % len(texts)] for i in range(len(prompt_ids))]
+        r_ids, r_mask = rlhf.pad_right([encode_plain(tok, t) + [tok.eos_token_id] for t in rows], tok.pad_token_id)
+        q_ids, q_mask = rlhf.pad_left(prompt_ids, tok.pad_token_id)
+        return q_ids, q_mask, r_ids, r_mask, torch.ones(len(rows), dtype=torch.bool)
+    return fake_generate
+
+
+def test_a_refresh_normalises_the_refreshed_reward_model_on_sft_samples(tmp_path, monkeypatch):
+    tok = tiny_tokenizer(tmp_path)
+    rm, sft = tiny_scalar_model(tok, tmp_path / "lm"), tiny_lm(tok)
+    rm.config.reward_mean, rm.config.reward_std = 0.0, 1.0
+    sampler = fake_generate_of(tok, [" Your bike is red.", " I don't know.", " Sorry, no."])
+    monkeypatch.setattr(rlhf, "generate", sampler)
+
+    def fake_fit(rm_, tok_, train, held, cfg_, device, name, seed=None):  # "training" that moves the scale
+        with torch.no_grad():
+            rm_.score.weight.mul_(5.0).add_(0.1)
+    monkeypatch.setattr(rlhf, "fit_reward_model", fake_fit)
+    cfg = rlhf.Config(eval_prompts=2)
+    new = rlhf.refresh_reward_model(rm, [dict(prompt="Q", chosen=" a", rejected=" b")], [], sft, tok, [BIKE, CAR], cfg, CPU, 0)
+    prompt_ids = [t["prompt"] for t in rlhf.tokenize(tok, [BIKE, CAR], cfg, keys=())[0]]
+    q_ids, q_mask, r_ids, r_mask, _ = sampler(sft, tok, prompt_ids * 2, cfg, CPU)  # what normalise_reward sampled
+    with torch.no_grad():
+        raw = rlhf.reward_at_last_token(new, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))
+    # the scale PPO's β is set against is the refreshed model's, on the SFT policy's samples: mean 0, std 1
+    assert new.config.reward_mean == pytest.approx(raw.mean().item(), abs=1e-4)
+    assert new.config.reward_std == pytest.approx(raw.std().item(), abs=1e-4)
+
+
+@torch.no_grad()
+def test_ppo_is_scored_by_every_reward_model_of_an_ensemble(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    out = tmp_path / "run"
+    for k, name in enumerate(("rm", "rm_2")):
+        m = tiny_scalar_model(tok, tmp_path / f"lm{k}", seed=k)
+        m.config.reward_mean, m.config.reward_std = 0.1 * k, 1.0 + k
+        m.save_pretrained(out / name)
+    (out / "summary.json").write_text(json.dumps({"rm": {"ensemble": 2}}))
+    ids = torch.tensor([rlhf.encode(tok, [t])[0] for t in ("Human: hi Assistant: yes", "Human: hi Assistant: nop")])
+    mask, ended = torch.ones_like(ids), torch.tensor([True, True])
+    for rule in ("mean", "min"):
+        cfg = rlhf.Config(out_dir=str(out), rm_combine=rule)
+        score_fn, rms = rlhf.reward_function(cfg, CPU)
+        each = torch.stack([rlhf.rm_scores(m, ids, mask, ended, cfg) for m in rms])  # (2, B)
+        assert len(rms) == 2 and not torch.allclose(each[0], each[1])
+        assert torch.allclose(score_fn(ids, mask, ended), rlhf.ensemble_reward(each, rule, 1.0)), rule
 
 
 def test_ensemble_reward_by_each_rule():
@@ -951,6 +1007,23 @@ def test_make_experience_scores_whitens_and_shapes_the_rollout(tmp_path):
     assert torch.allclose(exp["returns"], returns, atol=1e-4)
     assert torch.allclose(exp["advantages"], rlhf.masked_whiten(advantages, m), atol=1e-4)  # whitened
     assert rlhf.masked_mean(exp["advantages"], m).abs().item() < 1e-5
+
+
+@torch.no_grad()
+def test_group_experience_puts_rloos_kl_in_the_reward_and_leaves_grpos_out(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    policy, ref = tiny_lm(tok, seed=0), tiny_lm(tok, seed=1)
+    cfg = rlhf.Config(max_new_tokens=6, group_size=2)
+    prompts = rlhf.encode(tok, ["Human: hi Assistant:"] * 2 + ["Human: why? Assistant:"] * 2)  # 2 groups of 2
+    score_fn = lambda ids, mask, ended: torch.tensor([1.0, 0.0, 2.0, 2.0])  # noqa: E731
+    for algo in ("rloo", "grpo"):
+        torch.manual_seed(0)
+        exp = rlhf.group_experience(policy, ref, tok, prompts, score_fn, 0.5, cfg, CPU, algo)
+        kl = exp["kl"].sum(1)  # Σ_t (log π − log π_ref) of each sample: not 0, the two models differ
+        assert kl.abs().min() > 1e-3
+        # RLOO: R = r − β·KL, minus the other sample's R; GRPO: the raw score normalised in its group
+        want = rlhf.rloo_advantages(exp["score"] - 0.5 * kl, 2) if algo == "rloo" else rlhf.grpo_advantages(exp["score"], 2)
+        assert torch.allclose(exp["advantages"], want[:, None] * exp["r_mask"], atol=1e-5), algo
 
 
 def ppo_pieces_first(tmp_path):
@@ -1121,6 +1194,24 @@ def test_the_evaluation_compares_ppo_with_sft(smoke_run, tmp_path):
     assert figures["sft"]["ended"] < 0.5  # the 8-step smoke SFT model rarely ends: the human prefers an empty answer
     assert figures["win_rate_gold"]["rate"] > 0.75 and figures["win_rate_judge"]["rate"] != 0.5
     assert figures["ppo"]["kl"] > 1.0 and figures["sft"]["kl"] == pytest.approx(0, abs=1e-5)
+
+
+def test_the_ceiling_is_the_best_answer_every_time_against_the_sft_samples(smoke_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    cfg = rlhf.Config(**vars(rlhf.build_parser().parse_args(SMOKE + ["--out_dir", str(out)])))
+    sft_path = str(out / "sft")
+
+    def fake_evaluate(model, tok, prompts, cfg_, device, scorers, ref=None):  # SFT right on half the prompts, PPO never
+        is_sft = model.name_or_path == sft_path
+        return [dict(prompt=p["prompt"], family=p["family"], sample=0, response="r", ended=True, length=1, rm=0.0,
+                     judge=0.0, kl=0.0, gold=1.0 if is_sft and i % 2 == 0 else -1.0, success=is_sft and i % 2 == 0,
+                     kind="right" if is_sft and i % 2 == 0 else "wrong value") for i, p in enumerate(prompts)]
+    monkeypatch.setattr(rlhf, "evaluate_policy", fake_evaluate)
+    figures = rlhf.stage_eval(cfg, CPU)
+    # gold 1 against SFT's own samples: a tie where SFT was right (half), a win elsewhere -> 0.75, whatever PPO did
+    assert figures["win_rate_ceiling"]["rate"] == pytest.approx(0.75, abs=0.03)
+    assert figures["win_rate_gold"]["rate"] == pytest.approx(0.25, abs=0.03)
 
 
 # ---------------------------------------------------------------------------- beyond PPO: best-of-n, DPO, RLOO, GRPO
