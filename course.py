@@ -830,7 +830,10 @@ FRONTIER = [("PPO", None, []), ("PPO", "ppo", ["--kl_coef", "0.1"]), ("PPO", "pp
 
 
 def run_stage(run, stage, flags, log):
-    cmd = [sys.executable, os.path.join(HERE, "rlhf.py"), "--stage", stage, "--out_dir", run] + flags
+    """One stage of rlhf.py on a copy of a seed's run, with that run's seed (a stage run alone takes --seed's
+    default, 0, unless it is given)."""
+    seed = [] if "--seed" in flags else ["--seed", str(load_summary(run)["data"]["config"]["seed"])]
+    cmd = [sys.executable, os.path.join(HERE, "rlhf.py"), "--stage", stage, "--out_dir", run] + seed + flags
     with open(log, "a") as f:
         if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
             raise SystemExit(f"course.py: error: {' '.join(cmd)} failed; see {log}")
@@ -942,7 +945,7 @@ def plot_frontier(rows, out):
 # -----------------------------------------------------------------------------
 # The article's remedies for reward hacking: refresh the reward model, several independent reward models
 
-REMEDIES = [  # (name, [(stage, flags), ...]) run on a copy of a seed's default run (whose PPO refreshes its RM twice)
+REMEDIES = [  # (name, [(stage, flags), ...]) run on a copy of a seed's default run (whose PPO refreshes its RM --rm_refresh times)
     ("crowd pairs only", [("rm", ["--rm_samples", "0"]), ("ppo", []), ("eval", [])]),
     ("no refresh", [("ppo", ["--rm_refresh", "0"]), ("eval", [])]),
     ("hacking, one RM", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "0"]), ("eval", [])]),
@@ -1147,10 +1150,11 @@ def stored(name):
 
 
 def value(summary, path):
-    """summary['eval']['win_rate_gold']['rate'] for the path 'eval.win_rate_gold.rate'."""
+    """summary['eval']['win_rate_gold']['rate'] for the path 'eval.win_rate_gold.rate' (a key with a space, like
+    'wrong value', is written with _ : 'eval.ppo.kinds_helpful.wrong_value')."""
     v = summary
     for key in path.split("."):
-        v = v[int(key)] if isinstance(v, list) else v[key]
+        v = v[int(key)] if isinstance(v, list) else v[key] if key in v else v[key.replace("_", " ")]
     return v
 
 

@@ -114,7 +114,7 @@ class Config:
     rm_epochs: int = arg(2, "passes over the preference pairs")
     rm_batch_size: int = arg(32, "RM batch size (pairs)")
     rm_lr: float = arg(5e-4, "RM peak learning rate (AdamW)")
-    rm_samples: int = arg(16, "built-in task: responses the policy samples per training prompt for the human to rank "
+    rm_samples: int = arg(8, "built-in task: responses the policy samples per training prompt for the human to rank "
                              "(stage rm: the SFT policy; --rm_refresh: the current one); 0: the crowd's pairs only")
     rm_ensemble: int = arg(1, "independent reward models (other seeds); PPO is scored by their --rm_combine")
     # stage 3: PPO
@@ -130,7 +130,7 @@ class Config:
     lam: float = arg(0.95, "GAE lambda")
     rm_combine: str = arg("mean", "how PPO combines an ensemble's scores: mean, min or mean_minus_std (Coste et al.)")
     rm_combine_lambda: float = arg(1.0, "λ of mean_minus_std: mean − λ·std over the ensemble")
-    rm_refresh: int = arg(2, "built-in task: refresh the reward model this many times during PPO on the human's "
+    rm_refresh: int = arg(4, "built-in task: refresh the reward model this many times during PPO on the human's "
                              "comparisons of the current policy's samples (the article's 定期更新奖励模型)")
     rm_refresh_prompts: int = arg(256, "training prompts the policy samples --rm_samples responses to at each refresh")
     rm_refresh_from: str = arg("rm", "a refresh continues training the current reward model (rm) or retrains one "
@@ -1028,7 +1028,8 @@ def comparison_batch(items, tok, device):
         better += [base + i for i, _ in item["better"]]
         worse += [base + j for _, j in item["better"]]
     ids, mask = pad_right(seqs, tok.pad_token_id)
-    return ids.to(device), mask.to(device), torch.tensor(better, device=device), torch.tensor(worse, device=device)
+    index = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731 (long even when empty)
+    return ids.to(device), mask.to(device), index(better), index(worse)
 
 
 def reward_at_last_token(rm, ids, mask):
@@ -1109,9 +1110,10 @@ def own_rankings(policy, tok, prompts, cfg, device, rng):
     Returns rows {prompt, family, responses, gold, rank} (rank 0 the best)."""
     k, rows = cfg.rm_samples, []
     prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
-    for i in range(0, len(prompts), 128):
-        chunk = prompts[i:i + 128]
-        _, _, r_ids, r_mask, ended = generate(policy, tok, prompt_ids[i:i + 128] * k, cfg, device)  # (k·B, R)
+    step = max(1, 512 // k)  # about 512 sequences per generate(): 2048 at once were 25% slower per sample on a CPU
+    for i in range(0, len(prompts), step):
+        chunk = prompts[i:i + step]
+        _, _, r_ids, r_mask, ended = generate(policy, tok, prompt_ids[i:i + step] * k, cfg, device)  # (k·B, R)
         texts = decode_responses(tok, r_ids, r_mask)
         for j, p in enumerate(chunk):
             mine = [texts[j + n * len(chunk)] for n in range(k) if ended[j + n * len(chunk)]]
@@ -1156,13 +1158,15 @@ def fit_reward_model(rm, tok, train, held, cfg, device, name, seed=None):
     bar = tqdm(enumerate(batches, 1), total=len(batches), desc=name, dynamic_ncols=True, disable=rank() > 0)
     gold_acc = "-"
     for step, batch in bar:
-        mine = my_part([train_items[j] for j in batch])
+        mine, weight = my_part_or_one([train_items[j] for j in batch])
         # 1. one forward over every response of the batch, scored at the last real token
         ids, mask, better, worse = comparison_batch(mine, tok, device)
         with autocast(device):
             r = reward_at_last_token(net, ids, mask)
-        # 2. Bradley-Terry loss over every comparison (weighted by this process's share of them under torchrun)
-        loss = bradley_terry_loss(r[better], r[worse]) * share(len(better))
+        # 2. Bradley-Terry loss over every comparison (weighted by this process's share of them under torchrun);
+        #    a batch of rankings whose responses the human found all equally good has none: a zero loss
+        n = weight * len(better)
+        loss = (bradley_terry_loss(r[better], r[worse]) if len(better) else r.sum() * 0.0) * share(n)
         loss_all = all_sum(loss.item()) / world()
         check_finite(torch.tensor(loss_all), name.upper(), step, cfg)
         loss.backward()
@@ -1170,8 +1174,8 @@ def fit_reward_model(rm, tok, train, held, cfg, device, name, seed=None):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        row = dict(step=step, loss=loss_all, acc=all_sum((r[better] > r[worse]).float().sum().item()) /
-                   all_sum(float(len(better))))
+        row = dict(step=step, loss=loss_all, acc=all_sum(weight * (r[better] > r[worse]).float().sum().item()) /
+                   max(1.0, all_sum(n)))
         curve_point = name == "rm" and step % max(1, len(batches) // CURVE_POINTS["rm"]) == 0
         if rank() == 0 and (curve_point or step == len(batches)):
             n = len(held_items) if step == len(batches) else 256  # the curve on a part of the held-out pairs, the end on all
@@ -1935,7 +1939,8 @@ def stage_dpo(cfg, device):
     policy, ref = load_lm(require(cfg, "sft"), device), load_lm(require(cfg, "sft"), device)
     ref.requires_grad_(False)
     t_start = time.time()
-    items, held = comparisons(tok, rows, cfg), comparisons(tok, data["prefs_heldout"], cfg)
+    # (a ranking whose responses the human found all equally good has no comparison for DPO to learn)
+    items, held = [it for it in comparisons(tok, rows, cfg) if it["better"]], comparisons(tok, data["prefs_heldout"], cfg)
 
     def logps(model, batch):
         """Σ_t log π(y_t | x, y_<t) of every response of the batch (N,), and who beat whom (C,), (C,)."""
@@ -1950,13 +1955,13 @@ def stage_dpo(cfg, device):
     opt, sched = adamw_with_schedule(policy, cfg.dpo_lr, cfg.weight_decay, len(batches), cfg.warmup_frac)
     net = ddp(policy)
     for step, batch in enumerate(tqdm(batches, desc="dpo", dynamic_ncols=True, disable=rank() > 0), 1):
-        mine = my_part([items[j] for j in batch])
+        mine, weight = my_part_or_one([items[j] for j in batch])
         with torch.no_grad(), autocast(device):
             ref_lp, better, worse = logps(ref, mine)
         with autocast(device):
             lp, _, _ = logps(net, mine)
             loss, r_c, r_r = dpo_loss(lp[better], lp[worse], ref_lp[better], ref_lp[worse], cfg.dpo_beta)
-        loss = loss * share(len(better))
+        loss = loss * share(weight * len(better))
         check_finite(torch.tensor(all_sum(loss.item())), "DPO", step, cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -2315,7 +2320,10 @@ def share(n_local):
     (tokens or pairs), multiplied by share(n_local), makes that average the mean over all items.
     Example: 2 processes with 30 and 10 tokens -> 1.5 and 0.5
     """
-    return 1.0 if world() == 1 else world() * float(n_local) / all_sum(float(n_local))
+    if world() == 1:
+        return 1.0
+    total = all_sum(float(n_local))
+    return world() * float(n_local) / total if total else 0.0
 
 
 def ddp(model):
@@ -2329,6 +2337,13 @@ def ddp(model):
 def my_part(items):
     """This process's part of a global batch: every world()-th item from rank(). Example: 2 processes, [a, b, c] -> [a, c], [b]"""
     return items[rank()::world()]
+
+
+def my_part_or_one(items):
+    """my_part and its weight 1; where a batch has fewer items than there are processes, a process with no part
+    takes the first item at weight 0 (DDP needs a backward pass from every process; a zero weight adds nothing)."""
+    part = my_part(items)
+    return (part, 1.0) if part else (items[:1], 0.0)
 
 
 def barrier():

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -747,6 +748,16 @@ def test_comparisons_of_pairs_and_rankings_and_their_batch(tmp_path):
     assert texts == ["Q a", "Q b", "R a", "R b", "R c"]
 
 
+def test_a_batch_of_equally_good_responses_is_a_zero_loss_not_a_crash(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    rm = tiny_scalar_model(tok, tmp_path / "lm")
+    train = [dict(prompt="Q", responses=[" a", " b"], rank=[0, 1], gold=[1.0, 1.0], family="helpful"),  # no comparison
+             dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=1.0, gold_rejected=-1.0, family="helpful")]
+    metrics = rlhf.fit_reward_model(rm, tok, train, train[1:], rlhf.Config(rm_epochs=1, rm_batch_size=1), CPU, "rm test")
+    assert len(metrics) == 2 and sorted(m["loss"] for m in metrics)[0] == 0.0  # one batch each
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["acc"]) for m in metrics)
+
+
 def test_rm_accuracy_counts_agreement_with_labels_and_with_gold(tmp_path, monkeypatch):
     tok = tiny_tokenizer(tmp_path)
     rows = [dict(prompt="Q", chosen=" a", rejected=" b", gold_chosen=1.0, gold_rejected=-1.0, family="helpful"),
@@ -782,6 +793,25 @@ def test_own_rankings_rank_the_policys_different_ended_samples_with_the_crowds_n
     firsts = [rlhf.own_rankings(None, tok, [BIKE], dataclasses.replace(cfg, label_temperature=2.0), CPU, random.Random(i))[0]["rank"][0]
               for i in range(400)]
     assert sum(r == 0 for r in firsts) / 400 == pytest.approx(1 / (1 + math.exp(-2 / 2.0)), abs=0.05)
+
+
+def test_own_rankings_keep_each_prompts_own_samples_across_generate_calls(tmp_path, monkeypatch):
+    rlhf.save_tokenizer({}, str(tmp_path), 256)
+    tok = rlhf.load_tokenizer(str(tmp_path))
+
+    def fake_generate(policy, tok_, prompt_ids, cfg_, device):  # row i answers "L<length of its prompt> v<i>"
+        texts = [f" L{len(ids)} v{i}" for i, ids in enumerate(prompt_ids)]
+        r_ids, r_mask = rlhf.pad_right([encode_plain(tok, t) + [tok.eos_token_id] for t in texts], tok.pad_token_id)
+        q_ids, q_mask = rlhf.pad_left(prompt_ids, tok.pad_token_id)
+        return q_ids, q_mask, r_ids, r_mask, torch.ones(len(texts), dtype=torch.bool)
+    monkeypatch.setattr(rlhf, "generate", fake_generate)
+    prompts = [BIKE, CAR, UNTOLD, dict(CAR, prompt="\n\nHuman: Steal it?\n\nAssistant:")]
+    cfg = rlhf.Config(rm_samples=200, max_new_tokens=40)  # so many samples that the prompts take several calls
+    rows = rlhf.own_rankings(None, tok, prompts, cfg, CPU, random.Random(0))
+    lengths = [len(x["prompt"]) for x in rlhf.tokenize(tok, prompts, cfg, keys=())[0]]
+    assert len(rows) == 4 and len(set(lengths)) == 4
+    for row, n in zip(rows, lengths):
+        assert len(row["responses"]) == 200 and all(r.startswith(f" L{n} ") for r in row["responses"]), row["prompt"]
 
 
 def test_the_rankings_train_the_reward_model_and_a_refresh_trains_the_one_ppo_is_scored_by(tmp_path, monkeypatch):
@@ -1331,6 +1361,19 @@ def test_all_stages_end_to_end(smoke_run):
     for key in ("rm_score", "gold", "kl", "kl_coef", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
                 "response_len", "value_ev"):
         assert math.isfinite(row[key]), key
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(HERE, "course.py")), reason="course.py is not in the student copy")
+def test_course_runs_each_stage_of_a_copy_with_the_seed_of_its_run(tmp_path, monkeypatch):
+    import course
+    run = tmp_path / "seed_3_no_refresh"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"data": {"config": {"seed": 3}}}))
+    calls = []
+    monkeypatch.setattr(course.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or types.SimpleNamespace(returncode=0))
+    course.run_stage(str(run), "ppo", ["--rm_refresh", "0"], str(tmp_path / "log"))
+    course.run_stage(str(run), "eval", ["--seed", "5"], str(tmp_path / "log"))
+    assert calls[0][-4:] == ["--seed", "3", "--rm_refresh", "0"] and calls[1].count("--seed") == 1 and calls[1][-1] == "5"
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(HERE, "course.py")), reason="course.py is not in the student copy")
