@@ -50,419 +50,111 @@ EXERCISES = {
     19: ("best_of_n_kl", "test_best_of_n_kl", ()),
 }
 
-# Classic wrong solutions, written from the tutorial's text as a student might: each must fail its own
-# exercise's grader, with a message that names the exercise (course.py check).
+# Classic wrong solutions, as a student might write them from the tutorial's text: each is rlhf.py's own
+# function with one mistake made in it, as edits [(old, new), ...] (each `old` found exactly once in the
+# function, so that a wrong solution follows rlhf.py as it changes), or a whole function where the student's
+# approach differs. Each must fail its own exercise's grader, with a message that names the exercise
+# (course.py check).
 WRONG = {
-    1: [("counts each distinct chunk once, not once per occurrence", """def train_bpe(texts, vocab_size):
-    words = [tuple(c.encode("utf-8")) for c in set(regex.findall(GPT2_SPLIT, "".join(texts)))]
-    merges = {}
-    for new_id in range(256, vocab_size - 2):
-        pairs = Counter(pair for w in words for pair in zip(w, w[1:]))
-        if not pairs:
-            break
-        best = max(pairs, key=lambda pr: (pairs[pr], -pr[0], -pr[1]))
-        merges[best] = new_id
-        words = [tuple(merge(list(w), best, new_id)) for w in words]
-    return merges"""),
-        ("lets pairs cross chunk boundaries (no GPT2_SPLIT)", """def train_bpe(texts, vocab_size):
-    words = [tuple("".join(texts).encode("utf-8"))]
-    merges = {}
-    for new_id in range(256, vocab_size - 2):
-        pairs = Counter(pair for w in words for pair in zip(w, w[1:]))
-        if not pairs:
-            break
-        best = max(pairs, key=lambda pr: (pairs[pr], -pr[0], -pr[1]))
-        merges[best] = new_id
-        words = [tuple(merge(list(w), best, new_id)) for w in words]
-    return merges"""),
-        ("breaks ties toward the largest pair", """def train_bpe(texts, vocab_size):
-    words = Counter(tuple(c.encode("utf-8")) for c in regex.findall(GPT2_SPLIT, "".join(texts)))
-    merges = {}
-    for new_id in range(256, vocab_size - 2):
-        pairs = Counter()
-        for w, n in words.items():
-            for pair in zip(w, w[1:]):
-                pairs[pair] += n
-        if not pairs:
-            break
-        best = max(pairs, key=lambda pr: (pairs[pr], pr[0], pr[1]))
-        merges[best] = new_id
-        words = Counter({tuple(merge(list(w), best, new_id)): n for w, n in words.items()})
-    return merges"""),
-        ("learns one merge too few", """def train_bpe(texts, vocab_size):
-    words = Counter(tuple(c.encode("utf-8")) for c in regex.findall(GPT2_SPLIT, "".join(texts)))
-    merges = {}
-    for new_id in range(256, vocab_size - 3):
-        pairs = Counter()
-        for w, n in words.items():
-            for pair in zip(w, w[1:]):
-                pairs[pair] += n
-        if not pairs:
-            break
-        best = max(pairs, key=lambda pr: (pairs[pr], -pr[0], -pr[1]))
-        merges[best] = new_id
-        words = Counter({tuple(merge(list(w), best, new_id)): n for w, n in words.items()})
-    return merges""")],
-    2: [("merges the leftmost mergeable pair first", """def bpe_encode_chunk(chunk, merges):
-    ids = list(chunk.encode("utf-8"))
-    while True:
-        pair = next((pr for pr in zip(ids, ids[1:]) if pr in merges), None)
-        if pair is None:
-            return ids
-        ids = merge(ids, pair, merges[pair])"""),
-        ("applies the latest-learned merge first", """def bpe_encode_chunk(chunk, merges):
-    ids = list(chunk.encode("utf-8"))
-    while len(ids) >= 2:
-        pair = max(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, -1))
-        if pair not in merges:
-            break
-        ids = merge(ids, pair, merges[pair])
-    return ids"""),
-        ("stops after one merge", """def bpe_encode_chunk(chunk, merges):
-    ids = list(chunk.encode("utf-8"))
-    if len(ids) >= 2:
-        pair = min(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, float("inf")))
-        if pair in merges:
-            ids = merge(ids, pair, merges[pair])
-    return ids"""),
-        ("starts from characters, not UTF-8 bytes", """def bpe_encode_chunk(chunk, merges):
-    ids = [ord(c) for c in chunk]
-    while len(ids) >= 2:
-        pair = min(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, float("inf")))
-        if pair not in merges:
-            break
-        ids = merge(ids, pair, merges[pair])
-    return ids""")],
-    3: [("ignores the mask", """def position_ids(mask):
-    return torch.arange(mask.shape[-1]).expand(mask.shape)"""),
-        ("starts counting at 1", """def position_ids(mask):
-    return mask.long().cumsum(-1)"""),
-        ("leaves -1 on the padding", """def position_ids(mask):
-    return mask.long().cumsum(-1) - 1""")],
-    4: [("scores each token against itself (no shift)", """def sft_loss(model, ids, mask, loss_mask):
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    return -masked_mean(logprobs_of(logits.float(), ids), loss_mask)"""),
-        ("puts loss on the prompt too", """def sft_loss(model, ids, mask, loss_mask):
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    return -masked_mean(logprobs_of(logits[:, :-1].float(), ids[:, 1:]), mask[:, 1:])"""),
-        ("sums instead of averaging", """def sft_loss(model, ids, mask, loss_mask):
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    return -(logprobs_of(logits[:, :-1].float(), ids[:, 1:]) * loss_mask[:, 1:]).sum()"""),
-        ("averages per sequence first", """def sft_loss(model, ids, mask, loss_mask):
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    return -masked_mean(logprobs_of(logits[:, :-1].float(), ids[:, 1:]), loss_mask[:, 1:], dim=1).mean()""")],
-    5: [("takes log(sigmoid(...)), which underflows", """def bradley_terry_loss(r_chosen, r_rejected):
-    return -torch.log(torch.sigmoid(r_chosen - r_rejected)).mean()"""),
-        ("sums over the batch", """def bradley_terry_loss(r_chosen, r_rejected):
-    return -F.logsigmoid(r_chosen - r_rejected).sum()"""),
-        ("swaps chosen and rejected", """def bradley_terry_loss(r_chosen, r_rejected):
-    return -F.logsigmoid(r_rejected - r_chosen).mean()""")],
-    6: [("reads the last column", """def reward_at_last_token(rm, ids, mask):
-    return token_values(rm, ids, mask)[:, -1]"""),
-        ("reads the first real token", """def reward_at_last_token(rm, ids, mask):
-    return token_values(rm, ids, mask)[torch.arange(len(ids)), mask.argmax(1)]"""),
-        ("counts real tokens (right padding only)", """def reward_at_last_token(rm, ids, mask):
-    return token_values(rm, ids, mask)[torch.arange(len(ids)), mask.sum(1) - 1]"""),
-        ("reads the second-to-last real token", """def reward_at_last_token(rm, ids, mask):
-    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-    return token_values(rm, ids, mask)[torch.arange(len(ids)), last - 1]""")],
-    7: [("adds the score on every token", """def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
-    kl = (logprobs - ref_logprobs) * mask
-    return -kl_coef * kl + score[:, None] * mask, kl"""),
-        ("adds the score in the last column", """def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    rewards[:, -1] += score
-    return rewards, kl"""),
-        ("rewards the KL instead of penalising it", """def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = kl_coef * kl
-    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-    rewards[torch.arange(len(score)), last] += score
-    return rewards, kl"""),
-        ("does not mask the KL", """def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
-    kl = logprobs - ref_logprobs
-    rewards = -kl_coef * kl
-    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-    rewards[torch.arange(len(score)), last] += score
-    return rewards, kl""")],
-    8: [("lets the values run on past the end", """def compute_gae(rewards, values, mask, gamma, lam):
-    rewards = rewards * mask
-    advantages, last = torch.zeros_like(rewards), torch.zeros(len(rewards))
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros(len(rewards))
-        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask"""),
-        ("forgets lambda", """def compute_gae(rewards, values, mask, gamma, lam):
-    values, rewards = values * mask, rewards * mask
-    advantages, last = torch.zeros_like(rewards), torch.zeros(len(rewards))
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros(len(rewards))
-        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * last
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask"""),
-        ("returns the advantages as the returns", """def compute_gae(rewards, values, mask, gamma, lam):
-    values, rewards = values * mask, rewards * mask
-    advantages, last = torch.zeros_like(rewards), torch.zeros(len(rewards))
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros(len(rewards))
-        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, advantages"""),
-        ("walks forward in time", """def compute_gae(rewards, values, mask, gamma, lam):
-    values, rewards = values * mask, rewards * mask
-    advantages, last = torch.zeros_like(rewards), torch.zeros(len(rewards))
-    for t in range(rewards.shape[1]):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros(len(rewards))
-        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask""")],
-    9: [("whitens over the padding too", """def masked_whiten(x, mask):
-    return (x - x.mean()) * torch.rsqrt(x.var() + 1e-8) * mask"""),
-        ("leaves the padding shifted", """def masked_whiten(x, mask):
-    mean = masked_mean(x, mask)
-    return (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8)"""),
-        ("divides by the variance, not the standard deviation", """def masked_whiten(x, mask):
-    mean = masked_mean(x, mask)
-    return (x - mean) / (masked_mean((x - mean) ** 2, mask) + 1e-8) * mask""")],
-    10: [("takes the min of the two losses", """def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    return masked_mean(torch.min(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)"""),
-        ("never clips", """def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
-    ratio = torch.exp(logprobs - old_logprobs)
-    return masked_mean(-advantages * ratio, mask), masked_mean(torch.zeros_like(ratio), mask)"""),
-        ("turns the ratio upside down", """def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
-    ratio = torch.exp(old_logprobs - logprobs)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)""")],
-    11: [("takes the min of the two errors", """def ppo_value_loss(values, old_values, returns, mask, clip_range):
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    return 0.5 * masked_mean(torch.min((values - returns) ** 2, (v_clipped - returns) ** 2), mask)"""),
-        ("clips around the returns", """def ppo_value_loss(values, old_values, returns, mask, clip_range):
-    v_clipped = returns + torch.clamp(values - returns, -clip_range, clip_range)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)"""),
-        ("drops the one half", """def ppo_value_loss(values, old_values, returns, mask, clip_range):
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    return masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)""")],
-    12: [("does not clip the error", """def update_kl_coef(kl_coef, kl, cfg, n_samples):
-    if not cfg.adaptive_kl:
-        return kl_coef
-    return kl_coef * (1 + (kl / cfg.kl_target - 1) * n_samples / cfg.kl_horizon)"""),
-        ("adapts even when --no-adaptive_kl", """def update_kl_coef(kl_coef, kl, cfg, n_samples):
-    error = min(max(kl / cfg.kl_target - 1, -0.2), 0.2)
-    return kl_coef * (1 + error * n_samples / cfg.kl_horizon)"""),
-        ("forgets n / horizon", """def update_kl_coef(kl_coef, kl, cfg, n_samples):
-    if not cfg.adaptive_kl:
-        return kl_coef
-    return kl_coef * (1 + min(max(kl / cfg.kl_target - 1, -0.2), 0.2))"""),
-        ("moves beta the wrong way", """def update_kl_coef(kl_coef, kl, cfg, n_samples):
-    if not cfg.adaptive_kl:
-        return kl_coef
-    return kl_coef * (1 - min(max(kl / cfg.kl_target - 1, -0.2), 0.2) * n_samples / cfg.kl_horizon)""")],
-    13: [("reads the logits one column late (off by one against the tokens)", """def policy_forward(policy, value_head, ids, mask, n_prompt, temperature):
-    R = ids.shape[1] - n_prompt
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True,
-                 logits_to_keep=R)
-    values = value_head(out.hidden_states[-1][:, n_prompt - 1:-1]).squeeze(-1)
-    return out.logits.float() / temperature, values.float()"""),
-        ("reads the values at the response tokens (the state after each token)", """def policy_forward(policy, value_head, ids, mask, n_prompt, temperature):
-    R = ids.shape[1] - n_prompt
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True,
-                 logits_to_keep=R + 1)
-    values = value_head(out.hidden_states[-1][:, n_prompt:]).squeeze(-1)
-    return out.logits[:, :-1].float() / temperature, values.float()"""),
-        ("forgets the sampling temperature", """def policy_forward(policy, value_head, ids, mask, n_prompt, temperature):
-    R = ids.shape[1] - n_prompt
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True,
-                 logits_to_keep=R + 1)
-    values = value_head(out.hidden_states[-1][:, n_prompt - 1:-1]).squeeze(-1)
-    return out.logits[:, :-1].float(), values.float()"""),
-        ("lets left padding shift the positions", """def policy_forward(policy, value_head, ids, mask, n_prompt, temperature):
-    R = ids.shape[1] - n_prompt
-    out = policy(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=R + 1)
-    values = value_head(out.hidden_states[-1][:, n_prompt - 1:-1]).squeeze(-1)
-    return out.logits[:, :-1].float() / temperature, values.float()""")],
-    14: [("takes the ratio against the current policy (clipping never acts)", """def ppo_update(policy, value_head, opt, exp, cfg):
-    stats, n = Counter(), 0
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size):
-            ids, mask, P, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["n_prompt"], exp["r_ids"][mb], exp["r_mask"][mb]
-            logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)
-            new = logprobs_of(logits, r_ids)
-            pg, clipfrac = ppo_policy_loss(new, new.detach(), exp["advantages"][mb], m, cfg.clip_range)
-            vf = ppo_value_loss(values, exp["old_values"][mb], exp["returns"][mb], m, cfg.value_clip_range)
-            opt.zero_grad(set_to_none=True)
-            (pg + cfg.vf_coef * vf).backward()
-            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
-            opt.step()
-            stats.update(pg_loss=pg.item(), vf_loss=vf.item(), clipfrac=clipfrac.item(), approx_kl=0.0)
-            n += 1
-    return {k: v / n for k, v in stats.items()}"""),
-        ("never clears the gradients between minibatches", """def ppo_update(policy, value_head, opt, exp, cfg):
-    stats, n = Counter(), 0
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size):
-            ids, mask, P, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["n_prompt"], exp["r_ids"][mb], exp["r_mask"][mb]
-            logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)
-            new = logprobs_of(logits, r_ids)
-            pg, clipfrac = ppo_policy_loss(new, exp["old_logprobs"][mb], exp["advantages"][mb], m, cfg.clip_range)
-            vf = ppo_value_loss(values, exp["old_values"][mb], exp["returns"][mb], m, cfg.value_clip_range)
-            (pg + cfg.vf_coef * vf).backward()
-            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
-            opt.step()
-            stats.update(pg_loss=pg.item(), vf_loss=vf.item(), clipfrac=clipfrac.item(), approx_kl=0.0)
-            n += 1
-    return {k: v / n for k, v in stats.items()}"""),
-        ("computes the advantages from the critic being trained, not detached", """def ppo_update(policy, value_head, opt, exp, cfg):
-    stats, n = Counter(), 0
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size):
-            ids, mask, P, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["n_prompt"], exp["r_ids"][mb], exp["r_mask"][mb]
-            logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)
-            new = logprobs_of(logits, r_ids)
-            advantages = (exp["returns"][mb] - values) * m
-            pg, clipfrac = ppo_policy_loss(new, exp["old_logprobs"][mb], advantages, m, cfg.clip_range)
-            vf = ppo_value_loss(values, exp["old_values"][mb], exp["returns"][mb], m, cfg.value_clip_range)
-            opt.zero_grad(set_to_none=True)
-            (pg + cfg.vf_coef * vf).backward()
-            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
-            opt.step()
-            stats.update(pg_loss=pg.item(), vf_loss=vf.item(), clipfrac=clipfrac.item(), approx_kl=0.0)
-            n += 1
-    return {k: v / n for k, v in stats.items()}"""),
-        ("forgets the value loss", """def ppo_update(policy, value_head, opt, exp, cfg):
-    stats, n = Counter(), 0
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size):
-            ids, mask, P, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["n_prompt"], exp["r_ids"][mb], exp["r_mask"][mb]
-            logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)
-            new = logprobs_of(logits, r_ids)
-            pg, clipfrac = ppo_policy_loss(new, exp["old_logprobs"][mb], exp["advantages"][mb], m, cfg.clip_range)
-            vf = ppo_value_loss(values, exp["old_values"][mb], exp["returns"][mb], m, cfg.value_clip_range)
-            opt.zero_grad(set_to_none=True)
-            pg.backward()
-            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
-            opt.step()
-            stats.update(pg_loss=pg.item(), vf_loss=vf.item(), clipfrac=clipfrac.item(), approx_kl=0.0)
-            n += 1
-    return {k: v / n for k, v in stats.items()}"""),
-        ("takes one step on the whole rollout per epoch (no minibatches)", """def ppo_update(policy, value_head, opt, exp, cfg):
-    stats, n = Counter(), 0
-    for _ in range(cfg.ppo_epochs):
-        ids, mask, P, r_ids, m = exp["ids"], exp["mask"], exp["n_prompt"], exp["r_ids"], exp["r_mask"]
-        logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)
-        new = logprobs_of(logits, r_ids)
-        pg, clipfrac = ppo_policy_loss(new, exp["old_logprobs"], exp["advantages"], m, cfg.clip_range)
-        vf = ppo_value_loss(values, exp["old_values"], exp["returns"], m, cfg.value_clip_range)
-        opt.zero_grad(set_to_none=True)
-        (pg + cfg.vf_coef * vf).backward()
-        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.max_grad_norm)
-        opt.step()
-        stats.update(pg_loss=pg.item(), vf_loss=vf.item(), clipfrac=clipfrac.item(), approx_kl=0.0)
-        n += 1
-    return {k: v / n for k, v in stats.items()}"""),
-        ("never clips the gradient norm", """def ppo_update(policy, value_head, opt, exp, cfg):
-    stats, n = Counter(), 0
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size):
-            ids, mask, P, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["n_prompt"], exp["r_ids"][mb], exp["r_mask"][mb]
-            logits, values = policy_forward(policy, value_head, ids, mask, P, cfg.temperature)
-            new = logprobs_of(logits, r_ids)
-            pg, clipfrac = ppo_policy_loss(new, exp["old_logprobs"][mb], exp["advantages"][mb], m, cfg.clip_range)
-            vf = ppo_value_loss(values, exp["old_values"][mb], exp["returns"][mb], m, cfg.value_clip_range)
-            opt.zero_grad(set_to_none=True)
-            (pg + cfg.vf_coef * vf).backward()
-            opt.step()
-            stats.update(pg_loss=pg.item(), vf_loss=vf.item(), clipfrac=clipfrac.item(), approx_kl=0.0)
-            n += 1
-    return {k: v / n for k, v in stats.items()}""")],
-    15: [("takes the max instead of the min", """def ensemble_reward(scores, rule, lam):
-    if rule == "min":
-        return scores.max(0).values
-    if rule == "mean_minus_std":
-        return scores.mean(0) - lam * scores.std(0, correction=0)
-    return scores.mean(0)"""),
-        ("adds the spread instead of subtracting it", """def ensemble_reward(scores, rule, lam):
-    if rule == "min":
-        return scores.min(0).values
-    if rule == "mean_minus_std":
-        return scores.mean(0) + lam * scores.std(0, correction=0)
-    return scores.mean(0)"""),
-        ("averages over the responses, not the models", """def ensemble_reward(scores, rule, lam):
-    if rule == "min":
-        return scores.min(1).values
-    if rule == "mean_minus_std":
-        return scores.mean(1) - lam * scores.std(1, correction=0)
-    return scores.mean(1)"""),
-        ("forgets λ", """def ensemble_reward(scores, rule, lam):
-    if rule == "min":
-        return scores.min(0).values
-    if rule == "mean_minus_std":
-        return scores.mean(0) - scores.std(0, correction=0)
-    return scores.mean(0)""")],
-    16: [("swaps chosen and rejected", """def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
-    r_chosen, r_rejected = beta * (logp_chosen - ref_chosen), beta * (logp_rejected - ref_rejected)
-    return -F.logsigmoid(r_rejected - r_chosen).mean(), r_chosen.detach(), r_rejected.detach()"""),
-        ("forgets the reference model", """def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
-    r_chosen, r_rejected = beta * logp_chosen, beta * logp_rejected
-    return -F.logsigmoid(r_chosen - r_rejected).mean(), r_chosen.detach(), r_rejected.detach()"""),
-        ("divides by β instead of multiplying", """def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
-    r_chosen, r_rejected = (logp_chosen - ref_chosen) / beta, (logp_rejected - ref_rejected) / beta
-    return -F.logsigmoid(r_chosen - r_rejected).mean(), r_chosen.detach(), r_rejected.detach()"""),
-        ("takes log(sigmoid(...)), which underflows", """def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
-    r_chosen, r_rejected = beta * (logp_chosen - ref_chosen), beta * (logp_rejected - ref_rejected)
-    return -torch.log(torch.sigmoid(r_chosen - r_rejected)).mean(), r_chosen.detach(), r_rejected.detach()""")],
-    17: [("keeps each sample in its own baseline (the plain group mean)", """def rloo_advantages(rewards, k):
-    R = rewards.view(-1, k)
-    return (R - R.mean(1, keepdim=True)).view(-1)"""),
-        ("divides the others' sum by k, not k − 1", """def rloo_advantages(rewards, k):
-    R = rewards.view(-1, k)
-    return (R - (R.sum(1, keepdim=True) - R) / k).view(-1)"""),
-        ("takes the baseline over the whole batch", """def rloo_advantages(rewards, k):
-    return rewards - (rewards.sum() - rewards) / (len(rewards) - 1)"""),
-        ("groups by stride instead of consecutive samples", """def rloo_advantages(rewards, k):
-    R = rewards.view(k, -1)
-    return (R - (R.sum(0, keepdim=True) - R) / (k - 1)).view(-1)""")],
-    18: [("forgets to divide by the group's spread", """def grpo_advantages(scores, k, eps=1e-4):
-    R = scores.view(-1, k)
-    return (R - R.mean(1, keepdim=True)).view(-1)"""),
-        ("normalises over the whole batch, not the group", """def grpo_advantages(scores, k, eps=1e-4):
-    return (scores - scores.mean()) / (scores.std() + eps)"""),
-        ("divides by zero when every sample scores the same", """def grpo_advantages(scores, k, eps=1e-4):
-    R = scores.view(-1, k)
-    return ((R - R.mean(1, keepdim=True)) / R.std(1, keepdim=True)).view(-1)""")],
-    19: [("returns the formula log n − (n−1)/n as the estimate", """def best_of_n_kl(rewards, n):
-    return math.log(n) - (n - 1) / n, math.log(n) - (n - 1) / n"""),
-        ("takes the KL the wrong way round, KL(π ‖ best-of-n)", """def best_of_n_kl(rewards, n):
-    shares = sorted(Counter(rewards).items())
-    N, F, kl = len(rewards), 0.0, 0.0
-    for _, count in shares:
-        p = count / N
-        pi_n = (F + p) ** n - F ** n
-        kl += p * math.log(p / pi_n) if pi_n > 0 else 0.0
-        F += p
-    return math.log(n) - (n - 1) / n, kl"""),
-        ("keeps the lowest-scored response instead of the highest", """def best_of_n_kl(rewards, n):
-    shares = sorted(Counter(rewards).items(), reverse=True)
-    N, F, kl = len(rewards), 0.0, 0.0
-    for _, count in shares:
-        p = count / N
-        pi_n = (F + p) ** n - F ** n
-        kl += pi_n * math.log(pi_n / p) if pi_n > 0 else 0.0
-        F += p
-    return math.log(n) - (n - 1) / n, kl"""),
-        ("treats every sample as a different response", """def best_of_n_kl(rewards, n):
-    N, kl = len(rewards), 0.0
-    for i in range(1, N + 1):
-        pi_n = (i / N) ** n - ((i - 1) / N) ** n
-        kl += pi_n * math.log(pi_n * N) if pi_n > 0 else 0.0
-    return math.log(n) - (n - 1) / n, kl""")],
+    1: [("counts each distinct chunk once, not once per occurrence",
+         [("{tuple(c.encode(\"utf-8\")): n for c, n in chunks.items()}", "{tuple(c.encode(\"utf-8\")): 1 for c in chunks}")]),
+        ("lets pairs cross chunk boundaries (no GPT2_SPLIT)",
+         [("Counter(regex.findall(GPT2_SPLIT, \"\".join(texts)))", "Counter([\"\".join(texts)])")]),
+        ("breaks ties toward the largest pair", [("(pairs[pr], -pr[0], -pr[1])", "(pairs[pr], pr[0], pr[1])")]),
+        ("learns one merge too few", [("range(256, vocab_size - 2)", "range(256, vocab_size - 3)")])],
+    2: [("merges the leftmost mergeable pair first",
+         [("min(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, float(\"inf\")))",
+           "next((pr for pr in zip(ids, ids[1:]) if pr in merges), None)")]),
+        ("applies the latest-learned merge first",
+         [("min(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, float(\"inf\")))",
+           "max(zip(ids, ids[1:]), key=lambda pr: merges.get(pr, -1))")]),
+        ("stops after one merge", [("ids = merge(ids, pair, merges[pair])", "return merge(ids, pair, merges[pair])")]),
+        ("starts from characters, not UTF-8 bytes", [("list(chunk.encode(\"utf-8\"))", "[ord(c) for c in chunk]")])],
+    3: [("ignores the mask", [("(mask.long().cumsum(-1) - 1).clamp(min=0)", "torch.arange(mask.shape[-1]).expand(mask.shape)")]),
+        ("starts counting at 1", [("(mask.long().cumsum(-1) - 1).clamp(min=0)", "mask.long().cumsum(-1)")]),
+        ("leaves -1 on the padding", [("(mask.long().cumsum(-1) - 1).clamp(min=0)", "mask.long().cumsum(-1) - 1")])],
+    4: [("scores each token against itself (no shift)",
+         [("logprobs_of(logits[:, :-1].float(), ids[:, 1:])", "logprobs_of(logits.float(), ids)"),
+          ("loss_mask[:, 1:])", "loss_mask)")]),
+        ("puts loss on the prompt too", [("masked_mean(logp, loss_mask[:, 1:])", "masked_mean(logp, mask[:, 1:])")]),
+        ("sums instead of averaging", [("-masked_mean(logp, loss_mask[:, 1:])", "-(logp * loss_mask[:, 1:]).sum()")]),
+        ("averages per sequence first", [("loss_mask[:, 1:])", "loss_mask[:, 1:], dim=1).mean()")])],
+    5: [("takes log(sigmoid(...)), which underflows",
+         [("-F.logsigmoid(r_chosen - r_rejected)", "-torch.log(torch.sigmoid(r_chosen - r_rejected))")]),
+        ("sums over the batch", [("r_rejected).mean()", "r_rejected).sum()")]),
+        ("swaps chosen and rejected", [("F.logsigmoid(r_chosen - r_rejected)", "F.logsigmoid(r_rejected - r_chosen)")])],
+    6: [("reads the last column", [("[torch.arange(len(ids)), last]", "[:, -1]")]),
+        ("reads the first real token", [("last = mask.shape[1] - 1 - mask.flip(1).argmax(1)", "last = mask.argmax(1)")]),
+        ("counts real tokens (right padding only)", [("last = mask.shape[1] - 1 - mask.flip(1).argmax(1)", "last = mask.sum(1) - 1")]),
+        ("reads the second-to-last real token", [("[torch.arange(len(ids)), last]", "[torch.arange(len(ids)), last - 1]")])],
+    7: [("adds the score on every token", [("rewards[torch.arange(len(score)), last] += score", "rewards += score[:, None] * mask")]),
+        ("adds the score in the last column", [("rewards[torch.arange(len(score)), last] += score", "rewards[:, -1] += score")]),
+        ("rewards the KL instead of penalising it", [("rewards = -kl_coef * kl", "rewards = kl_coef * kl")]),
+        ("does not mask the KL", [("kl = (logprobs - ref_logprobs) * mask", "kl = logprobs - ref_logprobs")])],
+    8: [("lets the values run on past the end", [("values, rewards = values * mask, rewards * mask", "rewards = rewards * mask")]),
+        ("forgets lambda", [("last = delta + gamma * lam * last", "last = delta + gamma * last")]),
+        ("returns the advantages as the returns", [("return advantages, (advantages + values) * mask", "return advantages, advantages")]),
+        ("walks forward in time", [("for t in reversed(range(T)):", "for t in range(T):")])],
+    9: [("whitens over the padding too",
+         [("mean = masked_mean(x, mask)", "mean = x.mean()"), ("var = masked_mean((x - mean) ** 2, mask)", "var = x.var()")]),
+        ("leaves the padding shifted", [("torch.rsqrt(var + 1e-8) * mask", "torch.rsqrt(var + 1e-8)")]),
+        ("divides by the variance, not the standard deviation", [("* torch.rsqrt(var + 1e-8)", "/ (var + 1e-8)")])],
+    10: [("takes the min of the two losses", [("torch.max(unclipped, clipped)", "torch.min(unclipped, clipped)")]),
+         ("never clips", [("torch.clamp(ratio, 1 - clip_range, 1 + clip_range)", "ratio")]),
+         ("turns the ratio upside down", [("torch.exp(logprobs - old_logprobs)", "torch.exp(old_logprobs - logprobs)")])],
+    11: [("takes the min of the two errors", [("masked_mean(torch.max((values", "masked_mean(torch.min((values")]),
+         ("clips around the returns", [("old_values + torch.clamp(values - old_values,", "returns + torch.clamp(values - returns,")]),
+         ("drops the one half", [("0.5 * masked_mean(", "masked_mean(")])],
+    12: [("does not clip the error", [("min(max(kl / cfg.kl_target - 1, -0.2), 0.2)", "kl / cfg.kl_target - 1")]),
+         ("adapts even when --no-adaptive_kl", [("if not cfg.adaptive_kl:\n        return kl_coef\n    ", "")]),
+         ("forgets n / horizon", [("(1 + error * n_samples / cfg.kl_horizon)", "(1 + error)")]),
+         ("moves beta the wrong way", [("(1 + error * n_samples", "(1 - error * n_samples")])],
+    13: [("reads the logits one column late (off by one against the tokens)",
+          [("logits_to_keep=R + 1)", "logits_to_keep=R)"), ("out.logits[:, :-1].float()", "out.logits.float()")]),
+         ("reads the values at the response tokens (the state after each token)",
+          [("hidden = out.hidden_states[-1][:, n_prompt - 1:-1]", "hidden = out.hidden_states[-1][:, n_prompt:]")]),
+         ("forgets the sampling temperature", [("out.logits[:, :-1].float() / temperature", "out.logits[:, :-1].float()")]),
+         ("lets left padding shift the positions", [("position_ids=position_ids(mask), ", "")])],
+    14: [("takes the ratio against the current policy (clipping never acts)",
+          [("ppo_policy_loss(new_logprobs, exp[\"old_logprobs\"][mb]", "ppo_policy_loss(new_logprobs, new_logprobs.detach()")]),
+         ("never clears the gradients between minibatches", [("opt.zero_grad(set_to_none=True)\n", "\n")]),
+         ("computes the advantages from the critic being trained, not detached",
+          [("exp[\"advantages\"][mb], m,", "(exp[\"returns\"][mb] - values) * m, m,")]),
+         ("forgets the value loss", [("loss = (pg_loss + cfg.vf_coef * vf_loss)", "loss = pg_loss")]),
+         ("takes one step on the whole rollout per epoch (no minibatches)",
+          [(".split(cfg.minibatch_size // world())", ".split(len(exp[\"ids\"]))")]),
+         ("never clips the gradient norm",
+          [("torch.nn.utils.clip_grad_norm_(opt.param_groups[0][\"params\"], cfg.max_grad_norm)\n", "\n")])],
+    15: [("takes the max instead of the min", [("scores.min(0).values", "scores.max(0).values")]),
+         ("adds the spread instead of subtracting it", [("scores.mean(0) - lam", "scores.mean(0) + lam")]),
+         ("averages over the responses, not the models",
+          [("scores.min(0)", "scores.min(1)"), ("scores.mean(0) - lam * scores.std(0, correction=0)\n    return scores.mean(0)",
+                                                "scores.mean(1) - lam * scores.std(1, correction=0)\n    return scores.mean(1)")]),
+         ("forgets λ", [("lam * scores.std(0,", "scores.std(0,")])],
+    16: [("swaps chosen and rejected", [("-F.logsigmoid(r_chosen - r_rejected)", "-F.logsigmoid(r_rejected - r_chosen)")]),
+         ("forgets the reference model",
+          [("(logp_chosen - ref_chosen), beta * (logp_rejected - ref_rejected)", "logp_chosen, beta * logp_rejected")]),
+         ("divides by β instead of multiplying",
+          [("beta * (logp_chosen - ref_chosen), beta * (logp_rejected - ref_rejected)",
+            "(logp_chosen - ref_chosen) / beta, (logp_rejected - ref_rejected) / beta")]),
+         ("takes log(sigmoid(...)), which underflows",
+          [("-F.logsigmoid(r_chosen - r_rejected)", "-torch.log(torch.sigmoid(r_chosen - r_rejected))")])],
+    17: [("keeps each sample in its own baseline (the plain group mean)",
+          [("(R.sum(1, keepdim=True) - R) / (k - 1)", "R.mean(1, keepdim=True)")]),
+         ("divides the others' sum by k, not k − 1", [("/ (k - 1)", "/ k")]),
+         ("takes the baseline over the whole batch", [("rewards.view(-1, k)", "rewards.view(1, -1)"), ("/ (k - 1)", "/ (R.shape[1] - 1)")]),
+         ("groups by stride instead of consecutive samples",
+          [("rewards.view(-1, k)", "rewards.view(k, -1).T"), (").view(-1)", ").T.reshape(-1)")])],
+    18: [("forgets to divide by the group's spread", [(") / (R.std(1, keepdim=True) + eps)", ")")]),
+         ("normalises over the whole batch, not the group", [("scores.view(-1, k)", "scores.view(1, -1)")]),
+         ("divides by zero when every sample scores the same", [("(R.std(1, keepdim=True) + eps)", "R.std(1, keepdim=True)")])],
+    19: [("returns the formula log n − (n−1)/n as the estimate",
+          [("return math.log(n) - (n - 1) / n, kl", "return math.log(n) - (n - 1) / n, math.log(n) - (n - 1) / n")]),
+         ("takes the KL the wrong way round, KL(π ‖ best-of-n)", [("pi_n * math.log(pi_n / p)", "p * math.log(p / pi_n)")]),
+         ("keeps the lowest-scored response instead of the highest",
+          [("sorted(Counter(rewards).items())", "sorted(Counter(rewards).items(), reverse=True)")]),
+         ("treats every sample as a different response",
+          [("sorted(Counter(rewards).items())", "[(r, 1) for r in sorted(rewards)]")])],
 }
 
 
@@ -509,11 +201,21 @@ def blank_functions(source, numbers):
     return "".join(lines)
 
 
-def replace_function(source, name, new_source):
-    """rlhf.py's text with the whole function `name` replaced by new_source (a wrong solution)."""
+def wrong_source(source, n, fix):
+    """rlhf.py's text with exercise n's function made a classic wrong solution: `fix` is a whole function's
+    source, or edits [(old, new), ...] to the function as rlhf.py has it, each old found there exactly once."""
+    name = EXERCISES[n][0]
     node = function_nodes(source, [name])[name]
     lines = source.splitlines(keepends=True)
-    lines[node.lineno - 1:node.end_lineno] = [new_source.rstrip("\n") + "\n"]
+    text = "".join(lines[node.lineno - 1:node.end_lineno])
+    if isinstance(fix, str):
+        text = fix.rstrip("\n") + "\n"
+    for old, new in [] if isinstance(fix, str) else fix:
+        if text.count(old) != 1:
+            raise SystemExit(f"course.py: error: a wrong solution of exercise {n} edits {old!r}, which {name}() has "
+                             f"{text.count(old)} times; write its edit for the function as it is now (WRONG)")
+        text = text.replace(old, new)
+    lines[node.lineno - 1:node.end_lineno] = [text]
     return "".join(lines)
 
 
@@ -598,8 +300,8 @@ def check():
                                      numbers=[m for m in EXERCISES if m != n and m not in EXERCISES[n][2]])
                 for n in EXERCISES}
         wrong = {(n, i): make_student_copy(os.path.join(tmp, f"wrong_{n}_{i}"), numbers=[], files=files,
-                                           source=replace_function(source, EXERCISES[n][0], code))
-                 for n, cases in WRONG.items() for i, (_, code) in enumerate(cases)}
+                                           source=wrong_source(source, n, fix))
+                 for n, cases in WRONG.items() for i, (_, fix) in enumerate(cases)}
         jobs = []
         for n, (_, expression, _) in EXERCISES.items():
             jobs += [(full, expression), (student, expression), (alone[n], expression), (done[n], expression)]

@@ -4,6 +4,7 @@ Run: python -m pytest -q            (about 2 minutes on 2 CPU cores)
 The tests of an exercise function are its grader (tutorial.md, Exercises): their failure messages
 start with "exercise N (function):" and say what is wrong.
 """
+import ast
 import dataclasses
 import gzip
 import itertools
@@ -1895,6 +1896,25 @@ def test_a_run_of_the_student_copy_names_the_first_missing_exercise(tmp_path):
         student.main(["--stage", "all", "--out_dir", str(tmp_path / "run")] + SMOKE)
     assert str(e.value.code) == "rlhf.py: error: exercise 1: write train_bpe() (see tutorial.md, Exercises)"
     assert (tmp_path / "run" / "data" / "sft_train.jsonl").exists()  # the stage before it finished
+
+
+def test_every_classic_wrong_solution_is_a_change_to_its_function_as_it_is():
+    """course.WRONG's edits still find their lines in rlhf.py (a refactor that moves them breaks this, in seconds,
+    before CI's grader check), each makes valid Python, and only its own function changes."""
+    course = pytest.importorskip("course")
+    source = open(os.path.join(HERE, "rlhf.py"), encoding="utf-8").read()
+    def functions(text):
+        lines = text.splitlines()
+        return {node.name: lines[node.lineno - 1:node.end_lineno] for node in ast.parse(text).body
+                if isinstance(node, ast.FunctionDef)}
+    before = functions(source)
+    for n, cases in course.WRONG.items():
+        for what, fix in cases:
+            after = functions(course.wrong_source(source, n, fix))
+            changed = [name for name in before if before[name] != after.get(name)]
+            assert changed == [course.EXERCISES[n][0]], (n, what, changed)
+    with pytest.raises(SystemExit, match="exercise 3 edits 'no such line'"):
+        course.wrong_source(source, 3, [("no such line", "")])
 
 
 @needs_course
