@@ -1900,19 +1900,19 @@ def test_a_run_of_the_student_copy_names_the_first_missing_exercise(tmp_path):
 
 def test_every_classic_wrong_solution_is_a_change_to_its_function_as_it_is():
     """course.WRONG's edits still find their lines in rlhf.py (a refactor that moves them breaks this, in seconds,
-    before CI's grader check), each makes valid Python, and only its own function changes."""
+    before CI's grader check), and each changes its own function, into valid Python, and nothing else."""
     course = pytest.importorskip("course")
     source = open(os.path.join(HERE, "rlhf.py"), encoding="utf-8").read()
-    def functions(text):
-        lines = text.splitlines()
-        return {node.name: lines[node.lineno - 1:node.end_lineno] for node in ast.parse(text).body
-                if isinstance(node, ast.FunctionDef)}
-    before = functions(source)
+    lines = source.splitlines(keepends=True)
+    nodes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
     for n, cases in course.WRONG.items():
+        node = nodes[course.EXERCISES[n][0]]
+        before, own, after = lines[:node.lineno - 1], lines[node.lineno - 1:node.end_lineno], lines[node.end_lineno:]
         for what, fix in cases:
-            after = functions(course.wrong_source(source, n, fix))
-            changed = [name for name in before if before[name] != after.get(name)]
-            assert changed == [course.EXERCISES[n][0]], (n, what, changed)
+            out = course.wrong_source(source, n, fix).splitlines(keepends=True)
+            middle = out[len(before):len(out) - len(after)]
+            assert out[:len(before)] == before and out[len(out) - len(after):] == after, (n, what)
+            assert middle != own and ast.parse("".join(middle)).body[0].name == node.name, (n, what)
     with pytest.raises(SystemExit, match="exercise 3 edits 'no such line'"):
         course.wrong_source(source, 3, [("no such line", "")])
 
