@@ -648,7 +648,7 @@ def plot_frontier(rows, out):
 # The article's remedies for reward hacking: refresh the reward model, several independent reward models
 
 REMEDIES = [  # (name, [(stage, flags), ...]) run on a copy of a seed's default run (whose PPO refreshes its RM --rm_refresh times)
-    ("crowd pairs only", [("rm", ["--rm_samples", "0"]), ("ppo", []), ("eval", [])]),
+    ("crowd pairs only", [("rm", ["--rm_samples", "0"]), ("ppo", ["--rm_samples", "0"]), ("eval", [])]),  # 0 at ppo: no refresh
     ("no refresh", [("ppo", ["--rm_refresh", "0"]), ("eval", [])]),
     ("hacking, one RM", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "0"]), ("eval", [])]),
     ("hacking, refreshed RM", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl"]), ("eval", [])]),
