@@ -52,9 +52,8 @@ EXERCISES = {
 
 # Classic wrong solutions, as a student might write them from the tutorial's text: each is rlhf.py's own
 # function with one mistake made in it, as edits [(old, new), ...] (each `old` found exactly once in the
-# function, so that a wrong solution follows rlhf.py as it changes), or a whole function where the student's
-# approach differs. Each must fail its own exercise's grader, with a message that names the exercise
-# (course.py check).
+# function, so that a wrong solution follows rlhf.py as it changes). Each must fail its own exercise's grader,
+# with a message that names the exercise (course.py check).
 WRONG = {
     1: [("counts each distinct chunk once, not once per occurrence",
          [("{tuple(c.encode(\"utf-8\")): n for c, n in chunks.items()}", "{tuple(c.encode(\"utf-8\")): 1 for c in chunks}")]),
@@ -202,15 +201,13 @@ def blank_functions(source, numbers):
 
 
 def wrong_source(source, n, fix):
-    """rlhf.py's text with exercise n's function made a classic wrong solution: `fix` is a whole function's
-    source, or edits [(old, new), ...] to the function as rlhf.py has it, each old found there exactly once."""
+    """rlhf.py's text with exercise n's function made a classic wrong solution by the edits `fix`,
+    [(old, new), ...], to the function as rlhf.py has it, each old found there exactly once."""
     name = EXERCISES[n][0]
     node = function_nodes(source, [name])[name]
     lines = source.splitlines(keepends=True)
     text = "".join(lines[node.lineno - 1:node.end_lineno])
-    if isinstance(fix, str):
-        text = fix.rstrip("\n") + "\n"
-    for old, new in [] if isinstance(fix, str) else fix:
+    for old, new in fix:
         if text.count(old) != 1:
             raise SystemExit(f"course.py: error: a wrong solution of exercise {n} edits {old!r}, which {name}() has "
                              f"{text.count(old)} times; write its edit for the function as it is now (WRONG)")
