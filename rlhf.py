@@ -1294,6 +1294,14 @@ def refresh_reward_model(rm, new, rows_so_far, sft, tok, prompts, cfg, device, s
     return rm
 
 
+def refresh_steps(cfg, can_rank):
+    """The PPO steps after which the reward model is refreshed: --rm_refresh of them, evenly spaced; none where
+    the human cannot rank the policy's samples (can_rank False: your own --data) or it ranks none (--rm_samples 0)."""
+    if not can_rank or cfg.rm_samples == 0:
+        return set()
+    return {round(cfg.ppo_steps * i / (cfg.rm_refresh + 1)) for i in range(1, cfg.rm_refresh + 1)}
+
+
 # -----------------------------------------------------------------------------
 # 7. Stage 3: PPO with a KL penalty, as pure tensor functions in the order they run, then the loop
 
@@ -1470,8 +1478,7 @@ def stage_ppo(cfg, device):
 
     # --rm_refresh: the reward model learns from the human's comparisons of the current policy's samples, this
     # many times, evenly spaced; the pairs it has learned from so far are the crowd's and the SFT samples'
-    builtin = bool(train_prompts[0].get("family")) and cfg.rm_samples > 0  # the human can rank the policy's samples
-    refresh_at = {round(cfg.ppo_steps * i / (cfg.rm_refresh + 1)) for i in range(1, cfg.rm_refresh + 1)} if builtin else set()
+    refresh_at = refresh_steps(cfg, can_rank=bool(train_prompts[0].get("family")))
     own = os.path.join(cfg.out_dir, "rm_rankings.jsonl")
     rows_so_far = data["prefs_train"] + (read_jsonl(own) if refresh_at and os.path.exists(own) else [])
     refreshes, all_new = [], []  # what each refresh measured; the rankings of the policy's samples so far

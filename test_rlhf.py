@@ -1377,6 +1377,48 @@ def test_course_runs_each_stage_of_a_copy_with_the_seed_of_its_run(tmp_path, mon
     assert calls[0][-4:] == ["--seed", "3", "--rm_refresh", "0"] and calls[1].count("--seed") == 1 and calls[1][-1] == "5"
 
 
+def test_refresh_steps_are_evenly_spaced_and_none_where_the_human_ranks_nothing():
+    cfg = rlhf.Config(ppo_steps=60, rm_refresh=4)
+    assert rlhf.refresh_steps(cfg, can_rank=True) == {12, 24, 36, 48}
+    assert rlhf.refresh_steps(rlhf.Config(ppo_steps=10, rm_refresh=1), can_rank=True) == {5}
+    assert rlhf.refresh_steps(cfg, can_rank=False) == set()  # your own --data: no simulated human to ask
+    assert rlhf.refresh_steps(dataclasses.replace(cfg, rm_samples=0), can_rank=True) == set()
+    assert rlhf.refresh_steps(dataclasses.replace(cfg, rm_refresh=0), can_rank=True) == set()
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(HERE, "course.py")), reason="course.py is not in the student copy")
+def test_each_remedy_recipe_runs_what_its_name_says():
+    """Chapter 12's one-command experiments: the flags each recipe passes to each stage must do what its name says
+    (the crowd-pairs-only recipe once passed --rm_samples 0 to stage rm only, and its PPO refreshed the reward model
+    on the policy's samples). A stage a recipe does not run is the default run's, which it copies."""
+    import course
+    recipes = {name: dict(steps) for name, steps in course.REMEDIES}
+
+    def config(name, stage):
+        flags = recipes[name].get(stage)
+        if flags is None and name in course.REMEDY_SOURCE:  # copied from another recipe's run
+            flags = recipes[course.REMEDY_SOURCE[name]].get(stage)
+        return rlhf.Config(**vars(rlhf.build_parser().parse_args(["--stage", stage] + (flags or []))))
+
+    # name: (the RM learns from the SFT policy's own samples, PPO refreshes it, β = 0, reward models, their rule)
+    expected = {"crowd pairs only": (False, False, False, 1, "mean"),
+                "no refresh": (True, False, False, 1, "mean"),
+                "hacking, one RM": (True, False, True, 1, "mean"),
+                "hacking, refreshed RM": (True, True, True, 1, "mean"),
+                "hacking, ensemble of 3": (True, False, True, 3, "mean"),
+                "hacking, ensemble min": (True, False, True, 3, "min"),
+                "hacking, ensemble mean − std": (True, False, True, 3, "mean_minus_std")}
+    assert set(recipes) == set(expected), "a new recipe needs its row here"
+    default = rlhf.Config()
+    assert default.rm_samples > 0 and rlhf.refresh_steps(default, can_rank=True) and default.kl_coef > 0
+    for name, (own, refresh, hacking, k, rule) in expected.items():
+        rm, ppo = config(name, "rm"), config(name, "ppo")
+        got = (rm.rm_samples > 0, bool(rlhf.refresh_steps(ppo, can_rank=True)), ppo.kl_coef == 0 and not ppo.adaptive_kl,
+               rm.rm_ensemble, ppo.rm_combine)
+        assert got == (own, refresh, hacking, k, rule), name
+        assert list(recipes[name])[-1] == "eval", name
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(HERE, "course.py")), reason="course.py is not in the student copy")
 def test_course_tables_and_plots_read_a_finished_run(smoke_run, tmp_path, capsys):
     """The tutorial's figures come from these commands: each must read a real run's summary.json."""
