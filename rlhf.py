@@ -18,7 +18,7 @@ PPO (best-of-n, DPO, RLOO, GRPO); after one marked ruler, the plumbing a learner
 Run it:
   python rlhf.py --stage all                                  # every stage of the default run
   python rlhf.py --stage all --out_dir runs/smoke --n_sft 300 --n_pref 300 --n_judge 300 --sft_steps 30 --rm_epochs 1 --ppo_steps 3 --eval_samples 1  # seconds
-  cp -r runs/default runs/hacking && python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --out_dir runs/hacking && python rlhf.py --stage eval --out_dir runs/hacking  # reward hacking
+  cp -r runs/default runs/hacking && python rlhf.py --stage ppo --kl_coef 0 --no-adaptive_kl --rm_refresh 0 --out_dir runs/hacking && python rlhf.py --stage eval --out_dir runs/hacking  # reward hacking
   python rlhf.py --stage dpo --out_dir runs/default            # an alternative to PPO: bon, dpo, rloo or grpo (chapter 9)
   python rlhf.py --stage all --data my_pairs.jsonl --out_dir runs/mine           # your own preference pairs
   python rlhf.py --stage all --model gpt2 --device cuda       # pretrained GPT-2 (or any causal LM: a local folder or a hub name)
@@ -1278,8 +1278,8 @@ def reward_function(cfg, device):
 def refresh_reward_model(rm, new, rows_so_far, sft, tok, prompts, cfg, device, seed):
     """The article's first remedy for reward hacking, 定期更新奖励模型 (refresh the reward model periodically),
     as Anthropic's "online" HH-RLHF and Llama 2 do it: the reward model learns from `new`, the human's rankings
-    of the current policy's samples (own_rankings): continued from where it is, with as many earlier comparisons
-    replayed so that it does not forget them (--rm_refresh_from rm), or trained again from SFT on every one so far
+    of the current policy's samples (own_rankings): continued from where it is, with as many earlier rows (pairs or
+    rankings) replayed so that it does not forget them (--rm_refresh_from rm), or trained again from SFT on every one so far
     (sft). Then normalised again on SFT samples, so that β keeps its meaning."""
     if cfg.rm_refresh_from == "sft":
         rm = load_scalar_model(os.path.join(cfg.out_dir, "sft"), device)
