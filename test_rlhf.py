@@ -1732,6 +1732,8 @@ def test_your_own_data_end_to_end_is_judged_by_the_judge(tmp_path):
     table = (out / "eval.md").read_text()
     assert "by the judge" in table and "gold" not in table
     assert summary["data"]["source"] == data and summary["eval"]["ppo"]["length"] > 0
+    # no simulated human to rank PPO's samples: the reward model is never refreshed (--rm_refresh is the built-in task's)
+    assert summary["ppo"]["refreshes"] == [] and not (out / "ppo_rankings.jsonl").exists()
 
 
 def test_two_processes_with_torchrun_match_one_process(tmp_path):
