@@ -1297,10 +1297,12 @@ def refresh_reward_model(rm, new, rows_so_far, sft, tok, prompts, cfg, device, s
 def refresh_steps(cfg, can_rank):
     """The PPO steps after which the reward model is refreshed: --rm_refresh of them, evenly spaced; none where
     the human cannot rank the policy's samples (can_rank False: your own --data) or it ranks none (--rm_samples 0).
-    s_i = round(ppo_steps · i / (N + 1)), i = 1..N = --rm_refresh      Example: 60 steps, N 4 -> {12, 24, 36, 48}"""
+    s_i = round(ppo_steps · i / (N + 1)), i = 1..N = --rm_refresh      Example: 60 steps, N 4 -> {12, 24, 36, 48}
+    With N near ppo_steps some s_i round to the same step (one refresh) or to 0 (no step 0: dropped)."""
     if not can_rank or cfg.rm_samples == 0:
         return set()
-    return {round(cfg.ppo_steps * i / (cfg.rm_refresh + 1)) for i in range(1, cfg.rm_refresh + 1)}
+    steps = {round(cfg.ppo_steps * i / (cfg.rm_refresh + 1)) for i in range(1, cfg.rm_refresh + 1)}
+    return steps - {0}
 
 
 # -----------------------------------------------------------------------------

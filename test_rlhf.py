@@ -1381,6 +1381,8 @@ def test_refresh_steps_are_evenly_spaced_and_none_where_the_human_ranks_nothing(
     cfg = rlhf.Config(ppo_steps=60, rm_refresh=4)
     assert rlhf.refresh_steps(cfg, can_rank=True) == {12, 24, 36, 48}
     assert rlhf.refresh_steps(rlhf.Config(ppo_steps=10, rm_refresh=1), can_rank=True) == {5}
+    # more refreshes than steps: 2 · i / 5 for i = 1..4 rounds to 0, 1, 1, 2; PPO's steps start at 1
+    assert rlhf.refresh_steps(rlhf.Config(ppo_steps=2, rm_refresh=4), can_rank=True) == {1, 2}
     assert rlhf.refresh_steps(cfg, can_rank=False) == set()  # your own --data: no simulated human to ask
     assert rlhf.refresh_steps(dataclasses.replace(cfg, rm_samples=0), can_rank=True) == set()
     assert rlhf.refresh_steps(dataclasses.replace(cfg, rm_refresh=0), can_rank=True) == set()
