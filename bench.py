@@ -3,8 +3,8 @@ bench.py -- how fast is one PPO step of rlhf.py? The work is fixed so that other
 can run the same (../shared/bench/trl/ does it for Hugging Face TRL's classic PPOTrainer):
 
   a GPT-2 of 4 layers x 128 (vocab 1024, random weights, seed 0) and its frozen copy as reference;
-  64 prompts of 8 random token ids per step; exactly 24 sampled tokens each (top_k=0, temperature 1,
-  one batched generate() with the KV cache; no token ends a response); reward = the share of even
+  64 prompts of 8 random token ids per step; exactly 24 sampled tokens each (the full distribution,
+  temperature 1, rlhf.py's generate() with the KV cache; no token ends a response); reward = the share of even
   token ids; policy and reference scoring; KL-penalised rewards and GAE; 4 epochs x 4 minibatches
   of 16, Adam (lr 1.41e-5), value head (vf_coef 0.1), adaptive KL (0.1, target 6, horizon 10000).
 

@@ -48,6 +48,7 @@ EXERCISES = {
     17: ("rloo_advantages", "test_rloo_advantages", ()),
     18: ("grpo_advantages", "test_grpo_advantages", ()),
     19: ("best_of_n_kl", "test_best_of_n_kl", ()),
+    20: ("sample_token", "test_sample_token", ()),
 }
 
 # Classic wrong solutions, as a student might write them from the tutorial's text: each is rlhf.py's own
@@ -154,6 +155,16 @@ WRONG = {
           [("sorted(Counter(rewards).items())", "sorted(Counter(rewards).items(), reverse=True)")]),
          ("treats every sample as a different response",
           [("sorted(Counter(rewards).items())", "[(r, 1) for r in sorted(rewards)]")])],
+    20: [("takes the most likely token", [("return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)",
+                                            "return logits.argmax(-1)")]),
+         ("forgets the temperature", [("(logits.float() / temperature).softmax(-1)", "logits.float().softmax(-1)")]),
+         ("keeps the top 50 tokens, as generate() does by default",
+          [("(logits.float() / temperature).softmax(-1)",
+            "(logits.float() / temperature).masked_fill(logits < logits.topk(min(50, logits.shape[-1]), -1).values[:, -1:], "
+            "-math.inf).softmax(-1)")]),
+         ("one random number for the whole batch", [("torch.rand(len(cdf), 1, device=cdf.device)", "torch.rand(1, 1, device=cdf.device)")]),
+         ("searches the probabilities, not their running sum", [("(logits.float() / temperature).softmax(-1).cumsum(-1)",
+                                                                "(logits.float() / temperature).softmax(-1)")])]
 }
 
 

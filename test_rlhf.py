@@ -565,40 +565,126 @@ def test_position_ids_make_log_probs_independent_of_left_padding(tmp_path):
         "exercise 3 (position_ids): with left padding, the log-probs must not change"
 
 
-def test_generate_samples_from_the_distribution_ppo_scores(tmp_path):
-    """The log-probs PPO recomputes equal the ones generate() sampled from: same temperature,
-    no top-k, same positions under left padding."""
-    tok = tiny_tokenizer(tmp_path)
+def test_sample_token_draws_from_the_softmax_at_its_temperature():
+    ex = "exercise 20 (sample_token):"
+    torch.manual_seed(0)
+    p = torch.tensor([0.1, 0.2, 0.7])
+    logits = p.log().repeat(40000, 1)
+    got = rlhf.sample_token(logits, 1.0)
+    assert got.shape == (40000,) and got.dtype == torch.long, f"{ex} one token id per row, (B, V) -> (B,)"
+    freq = torch.bincount(got, minlength=3)[:3] / 40000
+    assert torch.allclose(freq, p, atol=0.01), f"{ex} probabilities [0.1, 0.2, 0.7]: drew each {freq.tolist()} of the time"
+    # T = 2: softmax(log p / 2) = p^(1/2), renormalised = [0.198, 0.280, 0.523]
+    freq = torch.bincount(rlhf.sample_token(logits, 2.0), minlength=3)[:3] / 40000
+    assert torch.allclose(freq, torch.tensor([0.198, 0.280, 0.523]), atol=0.01), \
+        f"{ex} at temperature 2 the probabilities are softmax(logits / 2) = [0.198, 0.280, 0.523]; drew {freq.tolist()}"
+    # the full distribution, not the top 50 only: logits −0.01·i for 100 tokens put
+    # e^−0.5 (1 − e^−0.5) / (1 − e^−1) = 0.378 of the probability on tokens 50 to 99
+    tail = (rlhf.sample_token(-0.01 * torch.arange(100.0).repeat(20000, 1), 1.0) >= 50).float().mean().item()
+    assert abs(tail - 0.378) < 0.02, f"{ex} tokens 50-99 of 100 should be drawn 0.378 of the time, not {tail:.3f}: all of them, not the top k"
+    # each row its own distribution and its own random number; a token of probability 0 never drawn
+    rows = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, -math.inf, 0.0], [-math.inf, 0.0, 0.0],
+                         [-math.inf, 0.0, 0.0]])
+    draws = torch.stack([rlhf.sample_token(rows, 1.0) for _ in range(2000)])  # (2000, 4)
+    assert (draws[:, 0] == 0).all() and (draws[:, 1] == 2).all() and set(draws[:, 2].tolist()) == {1, 2}, \
+        f"{ex} each row draws from its own distribution, never a token of probability 0"
+    assert abs((draws[:, 2] == 1).float().mean().item() - 0.5) < 0.05, f"{ex} [0.5, 0.5] should draw each half the time"
+    assert abs((draws[:, 2] == draws[:, 3]).float().mean().item() - 0.5) < 0.05, \
+        f"{ex} two rows of [0.5, 0.5] agree half the time: each row needs its own random number"
+
+
+def varied_lm(tok):
+    """A tiny model with larger random weights: its greedy answers vary (the default initialisation repeats the
+    last prompt token)."""
     model = tiny_lm(tok)
-    cfg = rlhf.Config(temperature=0.7, max_new_tokens=6)
-    prompts = rlhf.encode(tok, ["Human: hi Assistant:", "hello Assistant: hello world hello"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return model
+
+
+def tiny_stop_token(model, tok, q_ids, q_mask, n=8):
+    """A token the tiny model's greedy answers reach at different steps: the test's end-of-text, so that
+    rows end (and leave the batch) at different times. Returns it and the step each row reaches it (n: never)."""
+    with torch.no_grad():
+        greedy = model.generate(input_ids=q_ids, attention_mask=q_mask, do_sample=False, max_new_tokens=n,
+                                pad_token_id=tok.pad_token_id, eos_token_id=None)[:, q_ids.shape[1]:]
+    firsts = {}
+    for token in set(greedy.flatten().tolist()):
+        at = [(row == token).nonzero()[0].item() if (row == token).any() else n for row in greedy]
+        firsts[token] = at
+    return max(firsts, key=lambda t: (len(set(firsts[t])), -sum(firsts[t]))), firsts
+
+
+def test_generate_matches_huggingface_while_ended_rows_leave_the_batch(tmp_path):
+    """At a temperature near 0 sampling is greedy: the responses must equal Hugging Face's greedy generate()
+    (which keeps every row to the end) while rows that ended leave ours, with their KV cache."""
+    tok = tiny_tokenizer(tmp_path)
+    model = varied_lm(tok)
+    texts = ["Human: hi Assistant:", "hello Assistant: hello world hello", "a", "Human: what? Assistant: I",
+             "world world", "Assistant:", "hi hi hi hi hi hi", "x y z"]
+    prompts = rlhf.encode(tok, texts)
+    q_ids, q_mask = rlhf.pad_left(prompts, tok.pad_token_id)
+    stop, firsts = tiny_stop_token(model, tok, q_ids, q_mask)
+    assert len(set(firsts[stop])) >= 3, firsts[stop]  # rows end at three different steps at least
+    fake = types.SimpleNamespace(eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    _, _, r_ids, r_mask, ended = rlhf.generate(model, fake, prompts, rlhf.Config(temperature=1e-4, max_new_tokens=8),
+                                               CPU)
+    with torch.no_grad():
+        hf = model.generate(input_ids=q_ids, attention_mask=q_mask, do_sample=False, max_new_tokens=8,
+                            pad_token_id=tok.pad_token_id, eos_token_id=stop)[:, q_ids.shape[1]:]
+    assert r_ids.tolist() == hf.masked_fill(r_mask[:, :hf.shape[1]] == 0, tok.pad_token_id).tolist()
+    assert ended.tolist() == [f < 8 for f in firsts[stop]]
+    assert r_mask.sum(1).tolist() == [min(f + 1, 8) for f in firsts[stop]]
+
+
+def test_generate_samples_from_the_distribution_ppo_scores(tmp_path, monkeypatch):
+    """The log-probs PPO recomputes over the whole sequence equal the ones generate() sampled from, step by step
+    with its KV cache: same temperature, same positions under left padding, the same rows after some left."""
+    tok = tiny_tokenizer(tmp_path)
+    model = varied_lm(tok)
+    cfg = rlhf.Config(temperature=0.7, max_new_tokens=8)
+    prompts = rlhf.encode(tok, ["Human: hi Assistant:", "hello Assistant: hello world hello", "a", "x y z"]) * 4
     torch.manual_seed(0)
-    q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(model, tok, prompts, cfg, CPU)
+    _, _, r_ids, _, _ = rlhf.generate(model, tok, prompts, cfg, CPU)  # the model's most frequent token: the test's end
+    stop = torch.bincount(r_ids.flatten()).argmax().item()
+    fake = types.SimpleNamespace(eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    seen, sample_token = [], rlhf.sample_token
+
+    def recording(logits, temperature):
+        seen.append((logits / temperature).log_softmax(-1))
+        return sample_token(logits, temperature)
+    monkeypatch.setattr(rlhf, "sample_token", recording)
     torch.manual_seed(0)
-    out = model.generate(input_ids=q_ids, attention_mask=q_mask, output_scores=True, return_dict_in_generate=True,
-                         **rlhf.sampling_kwargs(cfg, tok))
-    assert torch.equal(out.sequences[:, q_ids.shape[1]:].masked_fill(r_mask == 0, tok.pad_token_id), r_ids)
-    sampled = torch.stack(out.scores, 1).log_softmax(-1)  # what generate() sampled from, (B, R, V)
+    q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(model, fake, prompts, cfg, CPU)
+    assert 0 < ended.sum() < len(prompts) and len(set(r_mask.sum(1).tolist())) >= 3  # rows left at different steps
     ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
     with torch.no_grad():
         ours = rlhf.response_logits(model, ids, mask, q_ids.shape[1], cfg.temperature).log_softmax(-1)
-    real = r_mask.bool()
-    assert torch.allclose(ours[real], sampled[real], atol=1e-4)
+    assert len(seen) == r_ids.shape[1]
+    for t, sampled in enumerate(seen):  # step t sampled for the rows still writing, in order
+        rows = r_mask[:, t].bool()
+        assert torch.allclose(ours[rows, t], sampled, atol=1e-4), t
 
 
 def test_generate_masks_everything_after_the_first_end_token(tmp_path):
     tok = tiny_tokenizer(tmp_path)
     E, pad = tok.eos_token_id, tok.pad_token_id
-    responses = torch.tensor([[5, E, 7, E, 9], [5, 6, 7, 8, 9], [E, 5, 5, 5, 5]])
+    after = {2: 5, 5: E, 3: 6, 6: 7, 7: 8, 8: 9, 9: 10}
 
-    class Fixed:  # a "policy" whose generate() returns fixed responses: the end token mid-response
-        def generate(self, input_ids, attention_mask, **kwargs):
-            return torch.cat([input_ids, responses], 1)
+    class Chain(torch.nn.Module):  # a "policy" that answers token x with after[x]: rows end at different steps
+        def forward(self, input_ids, **kwargs):
+            logits = torch.full((*input_ids.shape, E + 1), -1e9)
+            logits[:, -1].scatter_(1, torch.tensor([[after[x]] for x in input_ids[:, -1].tolist()]), 0.0)
+            return types.SimpleNamespace(logits=logits)
 
-    q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(Fixed(), tok, [[1, 2], [3], [4, 5]], rlhf.Config(), CPU)
+    q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(Chain(), tok, [[1, 2], [3], [4, 5]],
+                                                        rlhf.Config(max_new_tokens=5), CPU)
     assert q_ids.tolist() == [[1, 2], [pad, 3], [4, 5]] and q_mask.tolist() == [[1, 1], [0, 1], [1, 1]]
     assert r_mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-    assert r_ids.tolist() == [[5, E, pad, pad, pad], [5, 6, 7, 8, 9], [E, pad, pad, pad, pad]]
+    assert r_ids.tolist() == [[5, E, pad, pad, pad], [6, 7, 8, 9, 10], [E, pad, pad, pad, pad]]
     assert ended.tolist() == [True, False, True]
 
 
