@@ -162,7 +162,8 @@ WRONG = {
           [("(logits.float() / temperature).softmax(-1)",
             "(logits.float() / temperature).masked_fill(logits < logits.topk(min(50, logits.shape[-1]), -1).values[:, -1:], "
             "-math.inf).softmax(-1)")]),
-         ("one random number for the whole batch", [("torch.rand(len(cdf), 1, device=cdf.device)", "torch.rand(1, 1, device=cdf.device)")]),
+         ("returns the token before the one u falls on (off by one)",
+          [("torch.searchsorted(cdf, u, right=True).squeeze(1)", "(torch.searchsorted(cdf, u, right=True).squeeze(1) - 1).clamp(min=0)")]),
          ("searches the probabilities, not their running sum", [("(logits.float() / temperature).softmax(-1).cumsum(-1)",
                                                                 "(logits.float() / temperature).softmax(-1)")])]
 }
@@ -826,7 +827,9 @@ def probe_table(run):
 # `python course.py docs` rewrites every span and block from the files; a test fails when a doc differs.
 
 RUNS = os.path.join(HERE, "assets", "runs")
-GROUPS = {"seeds": [f"seed_{i}" for i in range(5)], "runs6": [f"seed_{i}" for i in range(5)] + ["seed0_1thread"]}
+GROUPS = {"seeds": [f"seed_{i}" for i in range(5)], "runs6": [f"seed_{i}" for i in range(5)] + ["seed0_1thread"],
+          "thread1": ["seed0_1thread"] + [f"seed_{i}" for i in range(1, 5)],  # seeds 0-4, one thread
+          "previous": [f"rem_seed_{i}_default" for i in range(5)]}  # the same, run by the previous release
 SPAN = re.compile(r"<!--f ([^>]*?)-->(.*?)<!--/f-->", re.S)
 BLOCK = re.compile(r"<!--table ([^>]*?)-->\n(.*?)<!--/table-->", re.S)
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")  # a progress bar's line (tqdm), or the blank that clears it
@@ -986,6 +989,16 @@ def stored_remedies(seeds, names):
     return rows
 
 
+def versus_table(*runs):
+    """Stored runs in pairs, a default run and the same without refreshes: `versus A0 B0 A1 B1 ...`, as rows of
+    the remedies table."""
+    rows = []
+    for default, other in zip(runs[::2], runs[1::2]):
+        seed = stored(default)["data"]["config"]["seed"]
+        rows += [remedy_row(seed, "default", stored(default)), remedy_row(seed, "no refresh", stored(other))]
+    return remedies_table(rows)
+
+
 def remedies_stored_table(which, *seeds):
     names = {"rankings": ["crowd pairs only"], "refresh": ["no refresh"],
              "hacking": [n for n, _ in REMEDIES if n.startswith("hacking")]}[which]
@@ -1031,7 +1044,7 @@ def cost_table(run):
 TABLES = {"eval": eval_md, "log": log_lines, "probe": probe_table, "ppo_steps": ppo_steps_table, "options": options_table,
           "cost": cost_table, "sweep": lambda *runs: sweep_table(sweep_rows([(r, stored(r)) for r in runs])),
           "remedies": remedies_stored_table, "frontier": frontier_stored_table, "bon": bon_stored_table,
-          "ppo_blocks": ppo_blocks_table,
+          "ppo_blocks": ppo_blocks_table, "versus": versus_table,
           "seeds": lambda group="runs6": seeds_table([seed_row(r, stored(r)) for r in GROUPS[group]])}
 
 

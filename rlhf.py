@@ -831,16 +831,16 @@ def pad_right(seqs, pad_id):
     return ids, mask
 
 
-def sample_token(logits, temperature):
+def sample_token(logits, temperature, u):
     """One token per row from softmax(logits / T), by inverse transform sampling: the first token whose
-    cumulative probability passes u ~ U(0, total). logits (B, V) -> (B,)
+    cumulative probability passes u · total, for u (B,) uniform in [0, 1). logits (B, V) -> (B,)
     Example: probabilities [0.1, 0.2, 0.7], cumulative [0.1, 0.3, 1.0]: u = 0.25 -> token 1, u = 0.95 -> token 2
     subtle: from the full distribution; Hugging Face generate() would keep the top 50 tokens only (its default
     top_k), and PPO's log-probs, computed over all of them, would no longer be those it sampled with [NDetails].
     (torch.multinomial draws one random number per vocabulary entry: 35x slower for 512 rows on a CPU.)
     """
     cdf = (logits.float() / temperature).softmax(-1).cumsum(-1)  # (B, V)
-    u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+    u = u[:, None] * cdf[:, -1:]  # (B, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # (a u rounded up)
 
 
@@ -864,7 +864,10 @@ def generate(policy, tok, prompt_ids, cfg, device):
         with autocast(device):
             logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                             **{key: kv}).logits[:, -1]  # (n, V): the logits that predict response token t
-        token = sample_token(logits, cfg.temperature)  # (n,)
+        # one uniform number per row and step, drawn for the whole batch: a row gets the same one whichever rows
+        # have ended, so two policies sampled from one seed share their random numbers (stage eval)
+        u = torch.rand(len(q_ids), device=device)[rows]
+        token = sample_token(logits, cfg.temperature, u)  # (n,)
         r_ids[rows, t] = token
         going = token != tok.eos_token_id
         if not going.any():
@@ -1584,13 +1587,15 @@ def stage_ppo(cfg, device):
 # 8. Evaluation: SFT vs PPO on held-out prompts, judged by the simulated human and by the judge
 
 @torch.no_grad()
-def evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=None):
+def evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref=None, seed=None):
     """Sample cfg.eval_samples responses per prompt and score each by the simulated human (when the
-    prompt has one), by each reward model in `scorers` ({name: model}) and by its KL to `ref` (if given).
-    Returns one record per sample."""
+    prompt has one), by each reward model in `scorers` ({name: model}) and by its KL to `ref` (if given);
+    with a `seed`, sample k draws from torch.manual_seed(seed + k). Returns one record per sample."""
     records = []
     prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
     for k in range(cfg.eval_samples):
+        if seed is not None:
+            torch.manual_seed(seed + k)
         q_ids, q_mask, r_ids, r_mask, ended = generate(policy, tok, prompt_ids, cfg, device)
         texts = decode_responses(tok, r_ids, r_mask)
         ids, mask, n = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1]
@@ -1697,12 +1702,11 @@ def compare_with_sft(cfg, device, tok, data, policy, name, report="eval"):
     prompts = [p for p in data["prompts"] if p["split"] == "heldout"][:cfg.eval_prompts]
     t0 = time.time()
     # 1. sample both policies on the held-out prompts with the same random numbers (common random numbers:
-    #    the k-th sample of a prompt uses the same draws for SFT and the policy, so a policy against itself
-    #    ties exactly); score by the human, the reward model, the judge and the KL to SFT
+    #    token t of the k-th sample of a prompt uses the same uniform for SFT and the policy, so a policy against
+    #    itself ties exactly); score by the human, the reward model, the judge and the KL to SFT
     records = {}
     for who, model in (("sft", sft), (name, policy)):
-        torch.manual_seed(cfg.seed + 1)
-        records[who] = evaluate_policy(model, tok, prompts, cfg, device, scorers, ref=sft)
+        records[who] = evaluate_policy(model, tok, prompts, cfg, device, scorers, ref=sft, seed=cfg.seed + 1)
     figures = {who: summarize(recs) for who, recs in records.items()}
     # 2. win rates over SFT, by the human's gold score and by the judge, with 95% intervals
     gold = "gold" in records[name][0]

@@ -567,30 +567,31 @@ def test_position_ids_make_log_probs_independent_of_left_padding(tmp_path):
 
 def test_sample_token_draws_from_the_softmax_at_its_temperature():
     ex = "exercise 20 (sample_token):"
+    p = torch.tensor([0.1, 0.2, 0.7])  # cumulative [0.1, 0.3, 1.0]
+    got = rlhf.sample_token(p.log().repeat(5, 1), 1.0, torch.tensor([0.05, 0.25, 0.29, 0.31, 0.95]))
+    assert got.tolist() == [0, 1, 1, 2, 2], \
+        f"{ex} probabilities [0.1, 0.2, 0.7]: u = 0.05, 0.25, 0.29, 0.31, 0.95 fall on tokens 0, 1, 1, 2, 2, not {got.tolist()}"
     torch.manual_seed(0)
-    p = torch.tensor([0.1, 0.2, 0.7])
     logits = p.log().repeat(40000, 1)
-    got = rlhf.sample_token(logits, 1.0)
+    got = rlhf.sample_token(logits, 1.0, torch.rand(40000))
     assert got.shape == (40000,) and got.dtype == torch.long, f"{ex} one token id per row, (B, V) -> (B,)"
     freq = torch.bincount(got, minlength=3)[:3] / 40000
     assert torch.allclose(freq, p, atol=0.01), f"{ex} probabilities [0.1, 0.2, 0.7]: drew each {freq.tolist()} of the time"
     # T = 2: softmax(log p / 2) = p^(1/2), renormalised = [0.198, 0.280, 0.523]
-    freq = torch.bincount(rlhf.sample_token(logits, 2.0), minlength=3)[:3] / 40000
+    freq = torch.bincount(rlhf.sample_token(logits, 2.0, torch.rand(40000)), minlength=3)[:3] / 40000
     assert torch.allclose(freq, torch.tensor([0.198, 0.280, 0.523]), atol=0.01), \
         f"{ex} at temperature 2 the probabilities are softmax(logits / 2) = [0.198, 0.280, 0.523]; drew {freq.tolist()}"
     # the full distribution, not the top 50 only: logits −0.01·i for 100 tokens put
     # e^−0.5 (1 − e^−0.5) / (1 − e^−1) = 0.378 of the probability on tokens 50 to 99
-    tail = (rlhf.sample_token(-0.01 * torch.arange(100.0).repeat(20000, 1), 1.0) >= 50).float().mean().item()
-    assert abs(tail - 0.378) < 0.02, f"{ex} tokens 50-99 of 100 should be drawn 0.378 of the time, not {tail:.3f}: all of them, not the top k"
-    # each row its own distribution and its own random number; a token of probability 0 never drawn
-    rows = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, -math.inf, 0.0], [-math.inf, 0.0, 0.0],
-                         [-math.inf, 0.0, 0.0]])
-    draws = torch.stack([rlhf.sample_token(rows, 1.0) for _ in range(2000)])  # (2000, 4)
+    tail = (rlhf.sample_token(-0.01 * torch.arange(100.0).repeat(20000, 1), 1.0, torch.rand(20000)) >= 50).float().mean()
+    assert abs(tail.item() - 0.378) < 0.02, \
+        f"{ex} tokens 50-99 of 100 should be drawn 0.378 of the time, not {tail.item():.3f}: all of them, not the top k"
+    # each row its own distribution; a token of probability 0 never drawn, even at u = 0
+    rows = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, -math.inf, 0.0], [-math.inf, 0.0, 0.0]])
+    draws = torch.stack([rlhf.sample_token(rows, 1.0, torch.rand(3)) for _ in range(2000)])  # (2000, 3)
     assert (draws[:, 0] == 0).all() and (draws[:, 1] == 2).all() and set(draws[:, 2].tolist()) == {1, 2}, \
         f"{ex} each row draws from its own distribution, never a token of probability 0"
-    assert abs((draws[:, 2] == 1).float().mean().item() - 0.5) < 0.05, f"{ex} [0.5, 0.5] should draw each half the time"
-    assert abs((draws[:, 2] == draws[:, 3]).float().mean().item() - 0.5) < 0.05, \
-        f"{ex} two rows of [0.5, 0.5] agree half the time: each row needs its own random number"
+    assert rlhf.sample_token(rows, 1.0, torch.zeros(3)).tolist() == [0, 2, 1], f"{ex} u = 0 falls on the first possible token"
 
 
 def varied_lm(tok):
@@ -653,9 +654,9 @@ def test_generate_samples_from_the_distribution_ppo_scores(tmp_path, monkeypatch
     fake = types.SimpleNamespace(eos_token_id=stop, pad_token_id=tok.pad_token_id)
     seen, sample_token = [], rlhf.sample_token
 
-    def recording(logits, temperature):
+    def recording(logits, temperature, u):
         seen.append((logits / temperature).log_softmax(-1))
-        return sample_token(logits, temperature)
+        return sample_token(logits, temperature, u)
     monkeypatch.setattr(rlhf, "sample_token", recording)
     torch.manual_seed(0)
     q_ids, q_mask, r_ids, r_mask, ended = rlhf.generate(model, fake, prompts, cfg, CPU)
@@ -667,6 +668,40 @@ def test_generate_samples_from_the_distribution_ppo_scores(tmp_path, monkeypatch
     for t, sampled in enumerate(seen):  # step t sampled for the rows still writing, in order
         rows = r_mask[:, t].bool()
         assert torch.allclose(ours[rows, t], sampled, atol=1e-4), t
+
+
+def test_generate_gives_a_row_the_same_random_numbers_whichever_rows_ended(tmp_path):
+    """Common random numbers (stage eval): from one seed, row i's token t uses the same uniform whether or not
+    other rows have ended, so two runs that differ only in where rows end agree on every row up to its end."""
+    tok = tiny_tokenizer(tmp_path)
+    model = varied_lm(tok)
+    cfg = rlhf.Config(max_new_tokens=8)
+    prompts = rlhf.encode(tok, ["Human: hi Assistant:", "hello Assistant: hello world hello", "a", "x y z"]) * 4
+    torch.manual_seed(0)
+    _, _, never, _, _ = rlhf.generate(model, tok, prompts, cfg, CPU)  # (the tiny model never ends on its own)
+    stop = torch.bincount(never.flatten()).argmax().item()
+    torch.manual_seed(0)
+    _, _, stopped, s_mask, ended = rlhf.generate(model, types.SimpleNamespace(eos_token_id=stop, pad_token_id=tok.pad_token_id),
+                                                 prompts, cfg, CPU)
+    assert 0 < ended.sum() < len(prompts) and len(set(s_mask.sum(1).tolist())) >= 3  # rows ended at different steps
+    for i in range(len(prompts)):
+        n = int(s_mask[i].sum())
+        assert stopped[i, :n].tolist() == never[i, :n].tolist(), f"row {i} drew other random numbers after rows ended"
+
+
+def test_evaluate_policy_starts_each_sample_from_its_own_seed(tmp_path):
+    """Sample k draws from seed + k, whatever the samples before it consumed: SFT's and PPO's k-th samples share
+    their random numbers even when their earlier samples ended at other steps."""
+    tok = tiny_tokenizer(tmp_path)
+    model = varied_lm(tok)
+    cfg = rlhf.Config(max_new_tokens=6, eval_samples=3)
+    prompts = [{"prompt": "Human: hi Assistant:"}, {"prompt": "x y z"}]
+    torch.manual_seed(123)
+    records = rlhf.evaluate_policy(model, tok, prompts, cfg, CPU, scorers={}, seed=7)
+    torch.manual_seed(7 + 2)
+    _, _, r_ids, r_mask, _ = rlhf.generate(model, tok, [x["prompt"] for x in rlhf.tokenize(tok, prompts, cfg, keys=())[0]],
+                                           cfg, CPU)
+    assert [r["response"] for r in records if r["sample"] == 2] == rlhf.decode_responses(tok, r_ids, r_mask)
 
 
 def test_generate_masks_everything_after_the_first_end_token(tmp_path):
@@ -1319,7 +1354,7 @@ def test_the_ceiling_is_the_best_answer_every_time_against_the_sft_samples(smoke
     cfg = rlhf.Config(**vars(rlhf.build_parser().parse_args(SMOKE + ["--out_dir", str(out)])))
     sft_path = str(out / "sft")
 
-    def fake_evaluate(model, tok, prompts, cfg_, device, scorers, ref=None):  # SFT right on half the prompts, PPO never
+    def fake_evaluate(model, tok, prompts, cfg_, device, scorers, ref=None, seed=None):  # SFT right on half the prompts, PPO never
         is_sft = model.name_or_path == sft_path
         return [dict(prompt=p["prompt"], family=p["family"], sample=0, response="r", ended=True, length=1, rm=0.0,
                      judge=0.0, kl=0.0, gold=1.0 if is_sft and i % 2 == 0 else -1.0, success=is_sft and i % 2 == 0,
