@@ -76,7 +76,7 @@ MUTANTS = [
     ("tokens written to the first rows", "r_ids[rows, t] = token", "r_ids[:len(rows), t] = token"),
     ("uniforms of the rows still writing only", "u = torch.rand(len(q_ids), device=device)[rows]",
      "u = torch.rand(len(rows), device=device)"),
-    ("every eval sample from one seed", "torch.manual_seed(seed + k)", "torch.manual_seed(seed)"),
+    ("every eval sample from one seed", "            torch.manual_seed(seed + k)", "            torch.manual_seed(seed)"),
     ("end token masked out", "r_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()", "r_mask = (is_eos.cumsum(1) == 0).long()"),
     ("tokens after the end kept", "r_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()", "r_mask = torch.ones_like(is_eos)"),
     ("everything ended", "ended = is_eos.sum(1) > 0", "ended = is_eos.sum(1) >= 0"),
