@@ -841,7 +841,7 @@ def sample_token(logits, temperature, u):
     """
     cdf = (logits.float() / temperature).softmax(-1).cumsum(-1)  # (B, V)
     u = u[:, None] * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # (a u rounded up)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # (clamp: u rounded up to the total)
 
 
 @torch.no_grad()
@@ -881,8 +881,8 @@ def generate(policy, tok, prompt_ids, cfg, device):
     r_ids = r_ids[:, :t + 1]
     is_eos = (r_ids == tok.eos_token_id).long()
     # keep tokens up to and including the first <|endoftext|>: truncation at end-of-text [NDetails]
+    # (after it r_ids is pad already: the row stopped writing)
     r_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
-    r_ids = r_ids.masked_fill(r_mask == 0, tok.pad_token_id)
     ended = is_eos.sum(1) > 0
     return q_ids, q_mask, r_ids, r_mask, ended
 
