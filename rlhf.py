@@ -119,8 +119,9 @@ class Config:
     rm_ensemble: int = arg(1, "independent reward models (other seeds); PPO is scored by their --rm_combine")
     # stage 3: PPO
     ppo_steps: int = arg(60, "PPO iterations (rollout + update)")
-    rollout_batch_size: int = arg(64, "prompts per PPO iteration")
-    ppo_epochs: int = arg(4, "passes over each rollout batch")
+    rollout_batch_size: int = arg(128, "prompts per PPO iteration; 128 prompts and 2 passes beat 64 and 4 (the same 8 "
+                                       "updates a step) on 4 of seeds 0-4 (tutorial, appendix)")
+    ppo_epochs: int = arg(2, "passes over each rollout batch")
     minibatch_size: int = arg(32, "PPO minibatch size")
     ppo_lr: float = arg(2e-4, "policy and value head learning rate (Adam)")
     vf_coef: float = arg(0.1, "weight of the value loss in the policy's loss (value head)")
