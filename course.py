@@ -830,7 +830,9 @@ RUNS = os.path.join(HERE, "assets", "runs")
 GROUPS = {"seeds": [f"seed_{i}" for i in range(5)], "runs6": [f"seed_{i}" for i in range(5)] + ["seed0_1thread"],
           "thread1": ["seed0_1thread"] + [f"seed_{i}" for i in range(1, 5)],  # seeds 0-4, one thread
           "previous": [f"rem_seed_{i}_default" for i in range(5)],  # the same, run by the previous release
-          "ppo64": [f"ppo64_seed_{i}" for i in range(5)]}  # the same, this sampler, PPO's previous batch (64 x 4)
+          "ppo64": [f"ppo64_seed_{i}" for i in range(5)],  # the same, this sampler, PPO's previous batch (64 x 4)
+          "sft800": ["sft800_seed0_1thread"] + [f"sft800_seed_{i}" for i in range(1, 5)],  # the same, 800 SFT steps
+          "sft800_here": ["sft800_here_seed0_1thread"] + [f"sft800_here_seed_{i}" for i in range(1, 5)]}  # ... on today's machine
 SPAN = re.compile(r"<!--f ([^>]*?)-->(.*?)<!--/f-->", re.S)
 BLOCK = re.compile(r"<!--table ([^>]*?)-->\n(.*?)<!--/table-->", re.S)
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")  # a progress bar's line (tqdm), or the blank that clears it
