@@ -105,7 +105,7 @@ class Config:
     # tokenizer
     vocab_size: int = arg(1024, "largest byte-level BPE vocabulary: 256 bytes + merges + <|endoftext|> + <|pad|> (fewer if the corpus runs out of pairs)")
     # stage 1: SFT
-    sft_steps: int = arg(1200, "SFT optimizer steps; 1200 copy the told value far more often than 800 (tutorial, appendix)")
+    sft_steps: int = arg(1200, "SFT optimizer steps; with 1200 the model copies the told value far more often than with 800 (tutorial, appendix)")
     sft_batch_size: int = arg(32, "SFT batch size (sequences)")
     sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW)")
     warmup_frac: float = arg(0.1, "share of SFT/RM steps spent warming the learning rate up (then cosine decay)")
