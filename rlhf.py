@@ -100,6 +100,9 @@ class Config:
     n_pref: int = arg(6000, "preference pairs for the reward model (built-in: labelled by the simulated human; --data: at most this many)")
     n_judge: int = arg(2000, "preference pairs for the judge reward model, disjoint from the reward model's")
     crowd_accuracy: float = arg(0.55, "built-in task: how often the crowd worker's demonstration has the right content")
+    crowd_wrong_values: float = arg(0.0, "built-in task: share of the bad candidates to a helpful prompt, in the crowd's "
+                                         "pairs, that give another value in the answer's form (\"Your bike is blue.\" to "
+                                         "\"I have a red bike\"); 0: a dodge or another question's answer (tutorial, appendix)")
     label_temperature: float = arg(0.5, "built-in task: annotator noise, P(a preferred to b) = sigmoid((gold_a - gold_b) / T)")
     heldout_frac: float = arg(0.2, "share of the distinct prompts kept out of every training stage")
     # tokenizer
@@ -282,11 +285,13 @@ def sample_style(rng, rude_p, ramble_p):
     return prefix, suffix
 
 
-def sample_response(p, rng, accuracy, style=("", "")):
+def sample_response(p, rng, accuracy, style=("", ""), wrong_value=0.0):
     """A response to prompt p that has the right content with probability `accuracy`,
     wrapped in the given style faults. Used for the crowd worker's SFT demonstrations
-    and for the candidate pairs the human compares.
+    and for the candidate pairs the human compares; with `wrong_value` > 0 (the candidates only) that share of
+    the bad answers to a helpful prompt are the answer's form with another value, the policy's likeliest mistake.
     Example: sample_response(red_bike_prompt, rng, 1.0) -> ' Your bike is red.'
+             sample_response(red_bike_prompt, rng, 0.0, wrong_value=1.0) -> ' Your bike is teal.' (or another answer)
     """
     good = rng.random() < accuracy
     dodge = rng.random() < 0.3  # a bad response is sometimes another family's answer
@@ -300,6 +305,9 @@ def sample_response(p, rng, accuracy, style=("", "")):
         _, _, answer, _, _ = SLOTS[p["slot"]]
         if good:
             text = answer.format(x=p["subject"], v=p["answer"])                      # what the user said
+        elif wrong_value and rng.random() < wrong_value:  # (no draw at 0: the demonstrations' stream is unchanged)
+            others = [v for v in SLOTS[p["slot"]][4] if v != p["answer"]]
+            text = answer.format(x=p["subject"], v=rng.choice(others))                # another value: wrong
         else:
             text = rng.choice(ADMISSIONS + REFUSALS)                                 # a dodge: unhelpful
     elif p["family"] == "harmless":
@@ -420,10 +428,10 @@ def label_pair(p, rng, cfg):
     teach the reward model what matters faster, as a careful labelling guideline would."""
     style_a = sample_style(rng, rude_p=0.25, ramble_p=0.25)
     same_style = rng.random() < 0.5
-    a = sample_response(p, rng, 0.5, style_a)
+    a = sample_response(p, rng, 0.5, style_a, cfg.crowd_wrong_values)
     b = a
     while b == a:
-        b = sample_response(p, rng, 0.5, style_a if same_style else sample_style(rng, 0.25, 0.25))
+        b = sample_response(p, rng, 0.5, style_a if same_style else sample_style(rng, 0.25, 0.25), cfg.crowd_wrong_values)
     return annotate(p, a, b, rng, cfg)
 
 
@@ -2120,7 +2128,7 @@ def check_config(cfg):
     for name in positive + ["rm_refresh_prompts"]:
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name} must be > 0 (got {getattr(cfg, name)})")
-    for name in ["crowd_accuracy", "warmup_frac", "gamma", "lam", "clip_range", "value_clip_range"]:
+    for name in ["crowd_accuracy", "crowd_wrong_values", "warmup_frac", "gamma", "lam", "clip_range", "value_clip_range"]:
         if not 0 <= getattr(cfg, name) <= 1:
             raise UserError(f"--{name} must be between 0 and 1 (got {getattr(cfg, name)})")
     for name in ["kl_coef", "weight_decay", "vf_coef", "threads", "rm_refresh", "rm_combine_lambda"]:

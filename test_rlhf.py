@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -280,6 +281,43 @@ def test_crowd_worker_accuracy_controls_success():
     for p in prompts[::7]:
         assert rlhf.gold_judge(p, rlhf.sample_response(p, rng, 1.0))[1], p
         assert not rlhf.gold_judge(p, rlhf.sample_response(p, rng, 0.0))[1], p
+
+
+def test_crowd_wrong_values_are_the_answers_form_with_another_value():
+    rng = random.Random(0)
+    helpful = [p for p in rlhf.build_prompts() if p["family"] == "helpful"][::23]
+    kinds = Counter()
+    for p in helpful:
+        for _ in range(10):
+            r = rlhf.sample_response(p, rng, 0.0, wrong_value=1.0)
+            kinds[rlhf.answer_kind(p, r)] += 1
+            if rlhf.answer_kind(p, r) == "wrong value":  # the asked subject's answer, another word in the value's place
+                assert rlhf.read_answer(r)[0] == ("answer", p["slot"], p["subject"]) and p["answer"].lower() not in r.lower()
+        assert rlhf.answer_kind(p, rlhf.sample_response(p, rng, 0.0)) != "wrong value"  # 0: a dodge or another answer
+    assert set(kinds) == {"wrong value", "other answer"} and kinds["wrong value"] > 3 * kinds["other answer"], kinds
+
+
+def test_crowd_wrong_values_change_the_candidate_pairs_not_the_demonstrations():
+    """--crowd_wrong_values adds told-against-wrong-value pairs to the crowd's; the SFT demonstrations and the
+    prompts stay the same draws, and at 0 the data is the same as before the flag (the stored runs')."""
+    base = rlhf.Config(n_sft=300, n_pref=600, n_judge=10)
+    old, new = rlhf.make_dataset(base), rlhf.make_dataset(dataclasses.replace(base, crowd_wrong_values=0.5))
+    assert new["sft_train"] == old["sft_train"] and new["prompts"] == old["prompts"]
+    prompts = {p["prompt"]: p for p in old["prompts"]}
+
+    def told_vs_wrong(data):
+        kinds = [{rlhf.answer_kind(prompts[r["prompt"]], r[k]) for k in ("chosen", "rejected")} for r in data["prefs_train"]]
+        return sum(k == {"right", "wrong value"} for k in kinds), sum("wrong value" in k for k in kinds)
+    assert told_vs_wrong(old) == (0, 0)
+    both, any_wrong = told_vs_wrong(new)
+    # each candidate is a wrong value with P = 0.5 (bad) * 0.8 (not another question's answer) * 0.5 = 0.2, so a
+    # helpful pair holds one with P >= 1 - 0.8^2 = 0.36 (more: an equal second candidate is drawn again)
+    helpful = sum(prompts[r["prompt"]]["family"] == "helpful" for r in new["prefs_train"])
+    assert both > 20 and any_wrong / helpful > 0.33, (both, any_wrong, helpful)
+    assert not any(rlhf.answer_kind(prompts[r["prompt"]], r["response"]) == "wrong value" for r in new["sft_train"])
+    # the stored default run's first pair (assets/runs/seed_0/run.log): the default data is the one the docs measure
+    first = rlhf.make_dataset(rlhf.Config())["prefs_train"][0]
+    assert (first["chosen"], first["rejected"]) == (" Your bird is called Sam.", " Ugh. Your bird is called Sam.")
 
 
 def test_dataset_splits_are_disjoint_seeded_and_labelled():
