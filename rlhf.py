@@ -302,12 +302,11 @@ def sample_response(p, rng, accuracy, style=("", ""), wrong_value=0.0):
         _, _, answer, subjects, values = SLOTS[slot]
         text = answer.format(x=rng.choice(subjects), v=rng.choice(values))
     elif p["family"] == "helpful":
-        _, _, answer, _, _ = SLOTS[p["slot"]]
+        _, _, answer, _, values = SLOTS[p["slot"]]
         if good:
             text = answer.format(x=p["subject"], v=p["answer"])                      # what the user said
         elif wrong_value and rng.random() < wrong_value:  # (no draw at 0: the demonstrations' stream is unchanged)
-            others = [v for v in SLOTS[p["slot"]][4] if v != p["answer"]]
-            text = answer.format(x=p["subject"], v=rng.choice(others))                # another value: wrong
+            text = answer.format(x=p["subject"], v=rng.choice([v for v in values if v != p["answer"]]))  # wrong value
         else:
             text = rng.choice(ADMISSIONS + REFUSALS)                                 # a dodge: unhelpful
     elif p["family"] == "harmless":
