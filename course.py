@@ -705,7 +705,7 @@ def remedies_table(rows):
     fmt2 = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     lines = ["| seed | run | gold score | RM score | KL (nats) | win rate over SFT [95%] | helpful / harmless / honest "
              "| wrong values SFT→PPO | RM vs gold, PPO's helpful pairs | PPO seconds |", "|---" * 10 + "|"]
-    order = ["default", "crowd pairs only", "no refresh"] + [n for n, _ in REMEDIES if n.startswith("hacking")]
+    order = ["default", "crowd pairs only", "no refresh", "human as the reward"] + [n for n, _ in REMEDIES if n.startswith("hacking")]
     for r in sorted(rows, key=lambda r: (r["seed"], order.index(r["name"]))):
         lines.append(f"| {r['seed']} | {r['name']} | {r['gold']:+.3f} | {r['rm']:+.3f} | {r['kl']:.2f} | {r['win']:.3f} "
                      f"[{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['helpful']:.2f} / {r['harmless']:.2f} / {r['honest']:.2f} "
@@ -832,7 +832,8 @@ GROUPS = {"seeds": [f"seed_{i}" for i in range(5)], "runs6": [f"seed_{i}" for i 
           "previous": [f"rem_seed_{i}_default" for i in range(5)],  # the same, run by the previous release
           "ppo64": [f"ppo64_seed_{i}" for i in range(5)],  # the same, this sampler, PPO's previous batch (64 x 4)
           "sft800": ["sft800_seed0_1thread"] + [f"sft800_seed_{i}" for i in range(1, 5)],  # the same, 800 SFT steps
-          "sft800_here": ["sft800_here_seed0_1thread"] + [f"sft800_here_seed_{i}" for i in range(1, 5)]}  # ... on today's machine
+          "sft800_here": ["sft800_here_seed0_1thread"] + [f"sft800_here_seed_{i}" for i in range(1, 5)],  # ... on today's machine
+          "human": [f"hr_seed_{i}" for i in range(5)]}  # thread1's runs with PPO on the human's own score (--reward human)
 SPAN = re.compile(r"<!--f ([^>]*?)-->(.*?)<!--/f-->", re.S)
 BLOCK = re.compile(r"<!--table ([^>]*?)-->\n(.*?)<!--/table-->", re.S)
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")  # a progress bar's line (tqdm), or the blank that clears it
@@ -993,12 +994,13 @@ def stored_remedies(seeds, names):
 
 
 def versus_table(*runs):
-    """Stored runs in pairs, a default run and the same without refreshes: `versus A0 B0 A1 B1 ...`, as rows of
-    the remedies table."""
+    """Stored runs in pairs, a default run and a copy of it with PPO run again without refreshes or on the human's
+    own score (--reward human): `versus A0 B0 A1 B1 ...`, as rows of the remedies table."""
     rows = []
     for default, other in zip(runs[::2], runs[1::2]):
-        seed = stored(default)["data"]["config"]["seed"]
-        rows += [remedy_row(seed, "default", stored(default)), remedy_row(seed, "no refresh", stored(other))]
+        seed, s = stored(default)["data"]["config"]["seed"], stored(other)
+        name = "human as the reward" if s["ppo"]["config"].get("reward") == "human" else "no refresh"
+        rows += [remedy_row(seed, "default", stored(default)), remedy_row(seed, name, s)]
     return remedies_table(rows)
 
 

@@ -133,6 +133,8 @@ class Config:
     gamma: float = arg(1.0, "GAE discount")
     lam: float = arg(0.95, "GAE lambda")
     rm_combine: str = arg("mean", "how PPO combines an ensemble's scores: mean, min or mean_minus_std (Coste et al.)")
+    reward: str = arg("rm", "what PPO, RLOO and GRPO maximise: the reward model (rm), or, on the built-in task, the "
+                            "simulated human's own score (human): what a perfect reward model would give (tutorial, 12.2)")
     rm_combine_lambda: float = arg(1.0, "λ of mean_minus_std: mean − λ·std over the ensemble")
     rm_refresh: int = arg(4, "built-in task: refresh the reward model this many times during PPO on the human's "
                              "comparisons of the current policy's samples (the article's 定期更新奖励模型)")
@@ -173,7 +175,8 @@ def build_parser():
             p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
             choices = {"stage": STAGES + ("all",) + BEYOND, "device": ("auto", "cpu", "cuda"), "report_to": ("", "tensorboard", "wandb"),
-                       "rm_combine": ("mean", "min", "mean_minus_std"), "rm_refresh_from": ("rm", "sft")}
+                       "rm_combine": ("mean", "min", "mean_minus_std"), "rm_refresh_from": ("rm", "sft"),
+                       "reward": ("rm", "human")}
             p.add_argument(*names, default=f.default, help=f.metadata["help"], type=f.type, choices=choices.get(f.name))
     return p
 
@@ -1301,7 +1304,10 @@ def stage_judge(cfg, device):
 def reward_function(cfg, device):
     """The reward PPO (and RLOO, GRPO) maximise: score_fn(ids, mask, ended) -> (B,), the reward model's
     normalised score, or the combination (--rm_combine) of an ensemble's (stage rm with --rm_ensemble);
-    and the list of reward models it reads (a refresh replaces them in place)."""
+    and the list of reward models it reads (a refresh replaces them in place). With --reward human: the
+    simulated human's own score (human_reward) and no reward model."""
+    if cfg.reward == "human":
+        return human_reward(cfg, device), []
     first = load_scalar_model(require(cfg, "rm"), device)
     k = load_summary(cfg)["rm"].get("ensemble", 1)
     rms = [first] + [load_scalar_model(os.path.join(cfg.out_dir, f"rm_{i}"), device)
@@ -1315,6 +1321,37 @@ def reward_function(cfg, device):
         return ensemble_reward(torch.stack([rm_scores(m, ids, mask, ended, cfg) for m in rms]), cfg.rm_combine,
                                cfg.rm_combine_lambda)
     return score_fn, rms
+
+
+@torch.no_grad()
+def human_reward(cfg, device):
+    """--reward human: PPO on the simulated human's gold score instead of a reward model's, the "gold reward" Gao
+    et al. 2022 measure their proxies against. It shows what a perfect reward model would give with the same PPO:
+    the gap to the default run is what the reward model's mistakes cost. Normalised like a reward model's score
+    (SFT samples score mean 0, std 1 [Ziegler]), so β means the same; a response that never ended gets
+    --missing_eos_score, as from the reward model. score_fn(ids, mask, ended) -> (B,); ids: prompt + response."""
+    data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
+    tokens = [x["prompt"] for x in tokenize(tok, data["prompts"], cfg, keys=())[0]]
+    by_ids = {tuple(t): p for t, p in zip(tokens, data["prompts"])}  # which prompt a sequence starts with
+    lengths = sorted({len(t) for t in tokens})
+
+    def gold(ids, mask):
+        scores = []
+        for seq in (i[m.bool()].tolist() for i, m in zip(ids, mask)):
+            n = next(n for n in lengths if tuple(seq[:n]) in by_ids)
+            scores.append(gold_judge(by_ids[tuple(seq[:n])], tok.decode(seq[n:], skip_special_tokens=True))[0])
+        return torch.tensor(scores, device=ids.device)
+
+    prompts = [p for p in data["prompts"] if p["split"] == "train"][:2 * cfg.eval_prompts]  # as normalise_reward's
+    prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
+    q_ids, q_mask, r_ids, r_mask, ended = generate(load_lm(require(cfg, "sft"), device), tok, prompt_ids * 2, cfg, device)
+    g = gold(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
+    mean, std = (g.mean().item(), g.std().item() + 1e-6) if g.numel() > 1 else (0.0, 1.0)  # (a smoke run: no scale)
+
+    def score_fn(ids, mask, ended):
+        never_ended = torch.full(ended.shape, cfg.missing_eos_score, device=ids.device)
+        return torch.where(ended, (gold(ids, mask) - mean) / std, never_ended)
+    return score_fn
 
 
 def refresh_reward_model(rm, new, rows_so_far, sft, tok, prompts, cfg, device, seed):
@@ -1341,7 +1378,7 @@ def refresh_steps(cfg, can_rank):
     the human cannot rank the policy's samples (can_rank False: your own --data) or it ranks none (--rm_samples 0).
     s_i = round(ppo_steps · i / (N + 1)), i = 1..N = --rm_refresh      Example: 60 steps, N 4 -> {12, 24, 36, 48}
     With N near ppo_steps some s_i round to the same step (one refresh) or to 0 (no step 0: dropped)."""
-    if not can_rank or cfg.rm_samples == 0:
+    if not can_rank or cfg.rm_samples == 0 or cfg.reward == "human":  # (the human as the reward needs no refresh)
         return set()
     steps = {round(cfg.ppo_steps * i / (cfg.rm_refresh + 1)) for i in range(1, cfg.rm_refresh + 1)}
     return steps - {0}
@@ -1731,6 +1768,9 @@ def compare_with_sft(cfg, device, tok, data, policy, name, report="eval"):
         figures["judge_agrees_with_gold"] = sum((a["judge"] > b["judge"]) == (a["gold"] > b["gold"])
                                                 for a, b in pairs) / max(1, len(pairs))
     figures["n_prompts"], figures["n_samples"], figures["policy"] = len(prompts), len(records[name]), name
+    ran = load_summary(cfg).get("ppo", {}).get("config", {}) if name == "ppo" else vars(cfg)  # (stage eval: PPO's flags)
+    if name != "dpo" and ran.get("reward") == "human":  # the policy never saw a reward model
+        figures["reward"] = "human"
     figures["wall_s"] = round(time.time() - t0, 1)
     # 3. the table (eval.md) and side-by-side samples (samples.md)
     table = eval_table(figures)
@@ -1754,7 +1794,8 @@ def compare_with_sft(cfg, device, tok, data, policy, name, report="eval"):
 
 def eval_table(fig):
     ci = lambda lo_hi: f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"  # noqa: E731
-    rows = [("mean gold score (the simulated human)", "gold"), ("mean RM score (what PPO maximised)", "rm"),
+    maximised = "not what PPO maximised: --reward human" if fig.get("reward") == "human" else "what PPO maximised"
+    rows = [("mean gold score (the simulated human)", "gold"), (f"mean RM score ({maximised})", "rm"),
             ("mean judge score (a second RM)", "judge"), ("KL to SFT (nats)", "kl"),
             ("response length (tokens)", "length"), ("responses that end", "ended"),
             ("distinct responses per prompt", "distinct"), ("success, all", "success")]
@@ -2151,6 +2192,8 @@ def check_config(cfg):
     if cfg.adaptive_kl and cfg.kl_horizon < cfg.rollout_batch_size:  # else one step can turn β negative
         raise UserError(f"--kl_horizon ({cfg.kl_horizon}) must be at least --rollout_batch_size ({cfg.rollout_batch_size}) "
                         f"with --adaptive_kl")
+    if cfg.reward == "human" and cfg.data:
+        raise UserError("--reward human needs the built-in task's simulated human; with --data, use --reward rm")
     if cfg.rm_samples == 1:
         raise UserError("--rm_samples must be 0 (the crowd's pairs only) or >= 2: the human compares two samples or more")
     if cfg.stage in ("rloo", "grpo") and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):

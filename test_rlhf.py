@@ -95,6 +95,8 @@ def test_every_config_field_is_a_flag_with_help_in_both_spellings():
     (["--rm_ensemble", "0"], "--rm_ensemble must be > 0"),
     (["--bon_samples", "0"], "--bon_samples must be > 0"),
     (["--rm_combine", "max"], "invalid choice"),
+    (["--reward", "gold"], "invalid choice"),
+    (["--reward", "human", "--data", "pairs.jsonl"], "--reward human needs the built-in task"),
     (["--report_to", "mlflow"], "invalid choice"),
 ])
 def test_bad_flags_are_one_clear_line(argv, message, tmp_path):
@@ -1059,6 +1061,33 @@ def test_ppo_is_scored_by_every_reward_model_of_an_ensemble(tmp_path):
         assert torch.allclose(score_fn(ids, mask, ended), rlhf.ensemble_reward(each, rule, 1.0)), rule
 
 
+@torch.no_grad()
+def test_the_human_as_the_reward_is_its_gold_score_on_the_scale_of_sft_samples(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    tok = tiny_tokenizer(out / "tokenizer")
+    tiny_lm(tok).save_pretrained(out / "sft")
+    (out / "data").mkdir()
+    rlhf.write_jsonl(str(out / "data" / "prompts.jsonl"),
+                     [dict(BIKE, split="train"), dict(CAR, split="train"), dict(UNTOLD, split="heldout")])
+    (out / "summary.json").write_text(json.dumps({"data": {}, "tokenizer": {}, "sft": {}}))
+    # the SFT "samples" the scale is measured on: prompts [BIKE, CAR] twice, gold +1, +1, -1, -0.5
+    monkeypatch.setattr(rlhf, "generate", fake_generate_of(
+        tok, [" Your bike is red.", " Sorry, I can't help with that.", " Your bike is blue.", " I don't know."]))
+    score_fn, rms = rlhf.reward_function(rlhf.Config(out_dir=str(out), reward="human", eval_prompts=1), CPU)
+    assert rms == []
+    mean, std = 0.125, math.sqrt((2 * 0.875 ** 2 + 1.125 ** 2 + 0.625 ** 2) / 3)  # the sample std: 1.031
+    # the policy's rollouts: prompts of different lengths, left-padded, and right-padded responses
+    rows = [(CAR, " Sorry, I can't help with that."), (BIKE, " Your bike is blue."), (BIKE, " Your bike is red."),
+            (UNTOLD, " I don't know.")]
+    q_ids, q_mask = rlhf.pad_left([rlhf.tokenize(tok, [p], rlhf.Config(), keys=())[0][0]["prompt"] for p, _ in rows],
+                                  tok.pad_token_id)
+    r_ids, r_mask = rlhf.pad_right([encode_plain(tok, r) + [tok.eos_token_id] for _, r in rows], tok.pad_token_id)
+    ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
+    got = score_fn(ids, mask, torch.tensor([True, True, True, False]))
+    want = [(1 - mean) / std, (-1 - mean) / std, (1 - mean) / std, rlhf.Config().missing_eos_score]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)
+
+
 def test_ensemble_reward_by_each_rule():
     ex = "exercise 15 (ensemble_reward):"
     scores = torch.tensor([[1.0, 0.0, -1.0], [3.0, 0.0, 2.0]])   # 2 reward models x 3 responses
@@ -1545,6 +1574,7 @@ def test_refresh_steps_are_evenly_spaced_and_none_where_the_human_ranks_nothing(
     assert rlhf.refresh_steps(cfg, can_rank=False) == set()  # your own --data: no simulated human to ask
     assert rlhf.refresh_steps(dataclasses.replace(cfg, rm_samples=0), can_rank=True) == set()
     assert rlhf.refresh_steps(dataclasses.replace(cfg, rm_refresh=0), can_rank=True) == set()
+    assert rlhf.refresh_steps(dataclasses.replace(cfg, reward="human"), can_rank=True) == set()  # no reward model
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(HERE, "course.py")), reason="course.py is not in the student copy")
@@ -1739,6 +1769,17 @@ def test_ppo_keeps_beta_fixed_by_default_and_adapts_it_with_adaptive_kl(smoke_ru
     rlhf.main(["--stage", "ppo", "--out_dir", str(out), "--adaptive_kl", "--kl_target", "100"] + SMOKE)
     betas = [r["kl_coef"] for r in rlhf.read_jsonl(str(out / "ppo_metrics.jsonl"))]
     assert betas[0] == rlhf.Config().kl_coef and all(b > a for b, a in zip(betas, betas[1:])), betas  # KL < target: β down
+
+
+def test_ppo_on_the_human_as_the_reward_runs_with_no_reward_model_and_no_refresh(smoke_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    rlhf.main(["--stage", "ppo", "--out_dir", str(out), "--reward", "human", "--rm_refresh", "2"] + SMOKE)
+    ppo = json.loads((out / "summary.json").read_text())["ppo"]
+    assert ppo["reward_models"] == 0 and ppo["refreshes"] == []  # --rm_refresh 2 asked for, nothing to refresh
+    rlhf.main(["--stage", "eval", "--out_dir", str(out)] + SMOKE)  # scored by the stage rm's reward model
+    assert json.loads((out / "summary.json").read_text())["eval"]["reward"] == "human"
+    assert "mean RM score (not what PPO maximised: --reward human)" in (out / "eval.md").read_text()
 
 
 def test_a_stage_rerun_removes_what_was_built_from_it_and_keeps_its_own_flags(smoke_run, tmp_path, capsys):
