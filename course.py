@@ -833,7 +833,8 @@ GROUPS = {"seeds": [f"seed_{i}" for i in range(5)], "runs6": [f"seed_{i}" for i 
           "ppo64": [f"ppo64_seed_{i}" for i in range(5)],  # the same, this sampler, PPO's previous batch (64 x 4)
           "sft800": ["sft800_seed0_1thread"] + [f"sft800_seed_{i}" for i in range(1, 5)],  # the same, 800 SFT steps
           "sft800_here": ["sft800_here_seed0_1thread"] + [f"sft800_here_seed_{i}" for i in range(1, 5)],  # ... on today's machine
-          "human": [f"hr_seed_{i}" for i in range(5)]}  # thread1's runs with PPO on the human's own score (--reward human)
+          "human": [f"hr_seed_{i}" for i in range(5)],  # thread1's runs with PPO on the human's own score (--reward human)
+          "human90": [f"hr90_seed_{i}" for i in range(5)]}  # ... and 90 PPO steps
 SPAN = re.compile(r"<!--f ([^>]*?)-->(.*?)<!--/f-->", re.S)
 BLOCK = re.compile(r"<!--table ([^>]*?)-->\n(.*?)<!--/table-->", re.S)
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")  # a progress bar's line (tqdm), or the blank that clears it

@@ -1794,13 +1794,13 @@ def compare_with_sft(cfg, device, tok, data, policy, name, report="eval"):
 
 def eval_table(fig):
     ci = lambda lo_hi: f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"  # noqa: E731
-    maximised = "not what PPO maximised: --reward human" if fig.get("reward") == "human" else "what PPO maximised"
+    pol = fig.get("policy", "ppo")
+    maximised = f"not what {pol.upper()} maximised: --reward human" if fig.get("reward") == "human" else "what PPO maximised"
     rows = [("mean gold score (the simulated human)", "gold"), (f"mean RM score ({maximised})", "rm"),
             ("mean judge score (a second RM)", "judge"), ("KL to SFT (nats)", "kl"),
             ("response length (tokens)", "length"), ("responses that end", "ended"),
             ("distinct responses per prompt", "distinct"), ("success, all", "success")]
     rows += [(f"success, {f}", f"success_{f}") for f in FAMILIES]
-    pol = fig.get("policy", "ppo")
     lines = [f"| held-out prompts | SFT | {pol.upper()} |", "|---|---|---|"]
     for name, k in rows:
         if k in fig[pol]:
