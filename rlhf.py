@@ -2783,7 +2783,8 @@ def plot_rm(cfg, name, metrics, held_rows):
 def plot_rl_curves(cfg, algo, metrics):
     """RLOO or GRPO during training: the reward model's and the human's scores, and the KL to SFT."""
     steps = [m["step"] for m in metrics]
-    spec = [dict(title="reward model score", ylabel="normalised (SFT samples: mean 0, std 1)",
+    spec = [dict(title="the human's score, normalised" if cfg.reward == "human" else "reward model score",
+                 ylabel="normalised (SFT samples: mean 0, std 1)",
                  curves={"RM": (steps, [m["rm_score"] for m in metrics])})]
     if "gold" in metrics[0]:
         spec.append(dict(title="gold score (the simulated human)", ylabel="points",
@@ -2801,7 +2802,8 @@ def plot_ppo(cfg, metrics, refreshed=()):
     marks = [(step, "RM refreshed") for step in refreshed]
     steps = [m["step"] for m in metrics]
     col = lambda k: (steps, [m[k] for m in metrics])  # noqa: E731
-    rm = dict(title="reward model score (what PPO maximises)", ylabel="normalised (SFT samples: mean 0, std 1)",
+    rm = dict(title="the human's score, normalised (maximised)" if cfg.reward == "human"
+              else "reward model score (what PPO maximises)", ylabel="normalised (SFT samples: mean 0, std 1)",
               curves={"RM": col("rm_score")})
     gold = [dict(title="gold score (the simulated human)", ylabel="points", curves={"gold": col("gold")})] \
         if "gold" in metrics[0] else []
