@@ -659,6 +659,7 @@ def plot_frontier(rows, out):
 REMEDIES = [  # (name, [(stage, flags), ...]) run on a copy of a seed's default run (whose PPO refreshes its RM --rm_refresh times)
     ("crowd pairs only", [("rm", ["--rm_samples", "0"]), ("ppo", ["--rm_samples", "0"]), ("eval", [])]),  # 0 at ppo: no refresh
     ("no refresh", [("ppo", ["--rm_refresh", "0"]), ("eval", [])]),
+    ("human as the reward", [("ppo", ["--reward", "human"]), ("eval", [])]),  # a perfect reward model, the yardstick
     ("hacking, one RM", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "0"]), ("eval", [])]),
     ("hacking, refreshed RM", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl"]), ("eval", [])]),
     ("hacking, ensemble of 3", [("rm", ["--rm_ensemble", "3"]),

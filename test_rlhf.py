@@ -1591,22 +1591,24 @@ def test_each_remedy_recipe_runs_what_its_name_says():
             flags = recipes[course.REMEDY_SOURCE[name]].get(stage)
         return rlhf.Config(**vars(rlhf.build_parser().parse_args(["--stage", stage] + (flags or []))))
 
-    # name: (the RM learns from the SFT policy's own samples, PPO refreshes it, β = 0, reward models, their rule)
-    expected = {"crowd pairs only": (False, False, False, 1, "mean"),
-                "no refresh": (True, False, False, 1, "mean"),
-                "hacking, one RM": (True, False, True, 1, "mean"),
-                "hacking, refreshed RM": (True, True, True, 1, "mean"),
-                "hacking, ensemble of 3": (True, False, True, 3, "mean"),
-                "hacking, ensemble min": (True, False, True, 3, "min"),
-                "hacking, ensemble mean − std": (True, False, True, 3, "mean_minus_std")}
+    # name: (the RM learns from the SFT policy's own samples, PPO refreshes it, β = 0, reward models, their rule,
+    #        what PPO maximises)
+    expected = {"crowd pairs only": (False, False, False, 1, "mean", "rm"),
+                "no refresh": (True, False, False, 1, "mean", "rm"),
+                "human as the reward": (True, False, False, 1, "mean", "human"),
+                "hacking, one RM": (True, False, True, 1, "mean", "rm"),
+                "hacking, refreshed RM": (True, True, True, 1, "mean", "rm"),
+                "hacking, ensemble of 3": (True, False, True, 3, "mean", "rm"),
+                "hacking, ensemble min": (True, False, True, 3, "min", "rm"),
+                "hacking, ensemble mean − std": (True, False, True, 3, "mean_minus_std", "rm")}
     assert set(recipes) == set(expected), "a new recipe needs its row here"
     default = rlhf.Config()
     assert default.rm_samples > 0 and rlhf.refresh_steps(default, can_rank=True) and default.kl_coef > 0
-    for name, (own, refresh, hacking, k, rule) in expected.items():
+    for name, (own, refresh, hacking, k, rule, reward) in expected.items():
         rm, ppo = config(name, "rm"), config(name, "ppo")
         got = (rm.rm_samples > 0, bool(rlhf.refresh_steps(ppo, can_rank=True)), ppo.kl_coef == 0 and not ppo.adaptive_kl,
-               rm.rm_ensemble, ppo.rm_combine)
-        assert got == (own, refresh, hacking, k, rule), name
+               rm.rm_ensemble, ppo.rm_combine, ppo.reward)
+        assert got == (own, refresh, hacking, k, rule, reward), name
         assert list(recipes[name])[-1] == "eval", name
 
 
