@@ -133,9 +133,9 @@ class Config:
     gamma: float = arg(1.0, "GAE discount")
     lam: float = arg(0.95, "GAE lambda")
     rm_combine: str = arg("mean", "how PPO combines an ensemble's scores: mean, min or mean_minus_std (Coste et al.)")
+    rm_combine_lambda: float = arg(1.0, "λ of mean_minus_std: mean − λ·std over the ensemble")
     reward: str = arg("rm", "what PPO, RLOO and GRPO maximise: the reward model (rm), or, on the built-in task, the "
                             "simulated human's own score (human): what a perfect reward model would give (tutorial, 12.2)")
-    rm_combine_lambda: float = arg(1.0, "λ of mean_minus_std: mean − λ·std over the ensemble")
     rm_refresh: int = arg(4, "built-in task: refresh the reward model this many times during PPO on the human's "
                              "comparisons of the current policy's samples (the article's 定期更新奖励模型)")
     rm_refresh_prompts: int = arg(256, "training prompts the policy samples --rm_samples responses to at each refresh")
