@@ -1338,7 +1338,7 @@ def human_reward(cfg, device):
     def gold(ids, mask):
         scores = []
         for seq in (i[m.bool()].tolist() for i, m in zip(ids, mask)):
-            n = next(n for n in lengths if tuple(seq[:n]) in by_ids)
+            n = next(n for n in lengths if tuple(seq[:n]) in by_ids)  # (a built-in prompt has one "Assistant:")
             scores.append(gold_judge(by_ids[tuple(seq[:n])], tok.decode(seq[n:], skip_special_tokens=True))[0])
         return torch.tensor(scores, device=ids.device)
 
@@ -1346,7 +1346,8 @@ def human_reward(cfg, device):
     prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
     q_ids, q_mask, r_ids, r_mask, ended = generate(load_lm(require(cfg, "sft"), device), tok, prompt_ids * 2, cfg, device)
     g = gold(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
-    mean, std = (g.mean().item(), g.std().item() + 1e-6) if g.numel() > 1 else (0.0, 1.0)  # (a smoke run: no scale)
+    mean, std = (g.mean().item(), g.std().item()) if g.numel() > 1 else (0.0, 1.0)  # (a smoke run: no scale)
+    mean, std = all_sum(mean) / world(), all_sum(std) / world() + 1e-6  # under torchrun: one scale for every process
 
     def score_fn(ids, mask, ended):
         never_ended = torch.full(ended.shape, cfg.missing_eos_score, device=ids.device)
