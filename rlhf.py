@@ -1233,18 +1233,24 @@ def fit_reward_model(rm, tok, train, held, cfg, device, name, seed=None):
 
 
 @torch.no_grad()
-def normalise_reward(rm, sft, tok, prompts, cfg, device):
-    """Set rm.config.reward_mean / reward_std so that the SFT policy's samples on `prompts` score mean 0, std 1
-    [Ziegler]: the scale of a reward model is arbitrary, and β only means something against a known one."""
+def sft_scale(score, sft, tok, prompts, cfg, device):
+    """μ, σ of a raw score over the SFT policy's samples (two per prompt, the ended ones), so that
+    (r − μ) / σ scores SFT samples mean 0, std 1 [Ziegler]. score(ids, mask) -> (B,); ids: prompt + response."""
     prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
     q_ids, q_mask, r_ids, r_mask, ended = generate(sft, tok, prompt_ids * 2, cfg, device)
     with autocast(device):
-        raw = reward_at_last_token(rm, torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
+        raw = score(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
     if raw.numel() < 2:  # (a tiny smoke run where almost no sample ended: nothing to measure a scale on)
         raw = torch.tensor([-1.0, 1.0])
     # under torchrun each process sampled its own responses: every process takes the mean of their statistics
-    rm.config.reward_mean = all_sum(raw.mean().item()) / world()
-    rm.config.reward_std = all_sum(raw.std().item()) / world() + 1e-6
+    return all_sum(raw.mean().item()) / world(), all_sum(raw.std().item()) / world() + 1e-6
+
+
+def normalise_reward(rm, sft, tok, prompts, cfg, device):
+    """Set rm.config.reward_mean / reward_std so that the SFT policy's samples on `prompts` score mean 0, std 1
+    [Ziegler]: the scale of a reward model is arbitrary, and β only means something against a known one."""
+    rm.config.reward_mean, rm.config.reward_std = sft_scale(lambda ids, mask: reward_at_last_token(rm, ids, mask),
+                                                            sft, tok, prompts, cfg, device)
 
 
 def train_reward_model(cfg, device, name, pairs_name, seed=None, own=False):
@@ -1327,15 +1333,16 @@ def reward_function(cfg, device):
 def human_reward(cfg, device):
     """--reward human: PPO on the simulated human's gold score instead of a reward model's, the "gold reward" Gao
     et al. 2022 measure their proxies against. It shows what a perfect reward model would give with the same PPO:
-    the gap to the default run is what the reward model's mistakes cost. Normalised like a reward model's score
-    (SFT samples score mean 0, std 1 [Ziegler]), so β means the same; a response that never ended gets
-    --missing_eos_score, as from the reward model. score_fn(ids, mask, ended) -> (B,); ids: prompt + response."""
+    the gap to the default run is what the reward model's mistakes cost. Normalised like a reward model's score,
+    so β means the same; a response that never ended gets --missing_eos_score, as from the reward model:
+      r(x, y) = (gold(x, y) − μ_SFT) / σ_SFT        μ, σ over SFT samples (sft_scale) [Ziegler]
+    score_fn(ids, mask, ended) -> (B,); ids, mask (B, T): left-padded prompt + right-padded response."""
     data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
     tokens = [x["prompt"] for x in tokenize(tok, data["prompts"], cfg, keys=())[0]]
     by_ids = {tuple(t): p for t, p in zip(tokens, data["prompts"])}  # which prompt a sequence starts with
     lengths = sorted({len(t) for t in tokens})
 
-    def gold(ids, mask):
+    def gold(ids, mask):  # (B, T) -> (B,): the human reads each prompt's response
         scores = []
         for seq in (i[m.bool()].tolist() for i, m in zip(ids, mask)):
             n = next(n for n in lengths if tuple(seq[:n]) in by_ids)  # (a built-in prompt has one "Assistant:")
@@ -1343,11 +1350,7 @@ def human_reward(cfg, device):
         return torch.tensor(scores, device=ids.device)
 
     prompts = [p for p in data["prompts"] if p["split"] == "train"][:2 * cfg.eval_prompts]  # as normalise_reward's
-    prompt_ids = [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())[0]]
-    q_ids, q_mask, r_ids, r_mask, ended = generate(load_lm(require(cfg, "sft"), device), tok, prompt_ids * 2, cfg, device)
-    g = gold(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended]
-    mean, std = (g.mean().item(), g.std().item()) if g.numel() > 1 else (0.0, 1.0)  # (a smoke run: no scale)
-    mean, std = all_sum(mean) / world(), all_sum(std) / world() + 1e-6  # under torchrun: one scale for every process
+    mean, std = sft_scale(gold, load_lm(require(cfg, "sft"), device), tok, prompts, cfg, device)
 
     def score_fn(ids, mask, ended):
         never_ended = torch.full(ended.shape, cfg.missing_eos_score, device=ids.device)

@@ -1086,6 +1086,16 @@ def test_the_human_as_the_reward_is_its_gold_score_on_the_scale_of_sft_samples(t
     got = score_fn(ids, mask, torch.tensor([True, True, True, False]))
     want = [(1 - mean) / std, (-1 - mean) / std, (1 - mean) / std, rlhf.Config().missing_eos_score]
     assert got.tolist() == pytest.approx(want, abs=1e-4)
+    # an SFT sample that never ended says nothing about the scale: with the fourth one unended, gold +1, +1, -1
+    sampler = fake_generate_of(
+        tok, [" Your bike is red.", " Sorry, I can't help with that.", " Your bike is blue.", " I don't know."])
+
+    def unended_last(*args):
+        q_ids, q_mask, r_ids, r_mask, ended = sampler(*args)
+        return q_ids, q_mask, r_ids, r_mask, torch.tensor([True, True, True, False])
+    monkeypatch.setattr(rlhf, "generate", unended_last)
+    score_fn, _ = rlhf.reward_function(rlhf.Config(out_dir=str(out), reward="human", eval_prompts=1), CPU)
+    assert score_fn(ids[2:3], mask[2:3], torch.tensor([True])).item() == pytest.approx((1 - 1 / 3) / math.sqrt(4 / 3), abs=1e-4)
 
 
 def test_ensemble_reward_by_each_rule():
