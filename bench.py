@@ -8,7 +8,8 @@ can run the same (../shared/bench/trl/ does it for Hugging Face TRL's classic PP
   token ids; policy and reference scoring; KL-penalised rewards and GAE; 4 epochs x 4 minibatches
   of 16, Adam (lr 1.41e-5), value head (vf_coef 0.1), adaptive KL (0.1, target 6, horizon 10000).
 
-It calls rlhf.py's own make_experience and ppo_update, the two halves of a stage_ppo iteration, and
+It calls rlhf.py's own make_experience and ppo_update, the two halves of a stage_ppo iteration (and lab.py's
+group_experience and group_update for RLOO and GRPO), and
 prints seconds per step by phase (median over the steps after the warm-up), tokens/s, the achieved
 GFLOP/s and its share of the fp32 matmul ceiling measured on the spot.
 
@@ -98,7 +99,8 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
 
-    cfg = rlhf.Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, rollout_batch_size=a.batch,
+    lab = __import__("lab") if a.algo != "ppo" else None  # RLOO and GRPO live in lab.py
+    cfg = (lab.LabConfig if lab else rlhf.Config)(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, rollout_batch_size=a.batch,
                       minibatch_size=a.minibatch, ppo_epochs=a.ppo_epochs, ppo_lr=1.41e-5, vf_coef=0.1,
                       kl_coef=0.1, kl_target=6.0, kl_horizon=10000, max_new_tokens=a.response_len)
     # no end-of-text id in the vocabulary: every response is exactly response_len tokens; id 0 pads (never needed)
@@ -125,7 +127,7 @@ def main(argv=None):
           f"{a.batch // a.minibatch} minibatches of {a.minibatch}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    k = cfg.group_size
+    k = getattr(cfg, "group_size", 1)
     for step in range(a.steps):
         if a.algo == "ppo":
             prompts = torch.randint(0, a.vocab, (a.batch, a.prompt_len), generator=g).tolist()
@@ -136,13 +138,13 @@ def main(argv=None):
         if a.algo == "ppo":
             exp = rlhf.make_experience(policy, value_head, ref, tok, prompts, score_fn, kl_coef, cfg, device)
         else:
-            exp = rlhf.group_experience(policy, ref, tok, prompts, score_fn, kl_coef, cfg, device, a.algo)
+            exp = lab.group_experience(policy, ref, tok, prompts, score_fn, kl_coef, cfg, device, a.algo)
         sync()
         t1 = time.perf_counter()
         if a.algo == "ppo":
             rlhf.ppo_update(net, value_head, opt, exp, cfg)
         else:
-            rlhf.group_update(net, opt, exp, kl_coef, cfg, a.algo)
+            lab.group_update(net, opt, exp, kl_coef, cfg, a.algo)
         sync()
         t2 = time.perf_counter()
         kl_coef = rlhf.update_kl_coef(kl_coef, exp["kl"].sum(1).mean().item(), cfg, a.batch)

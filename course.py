@@ -1,14 +1,16 @@
 """
-course.py -- the instructor's side of tutorial.md: the exercise list, the student copy,
-the check that every exercise is graded, and the plots of the tutorial's experiments.
-Learners read rlhf.py; nothing here is part of the algorithm.
+course.py -- the instructor's side of tutorial.md: the exercise list and its classic wrong solutions, the student
+copy, the check that every exercise is graded, the runs and plots of the tutorial's experiments, and the figures of
+the docs, each written from a stored run. Learners read rlhf.py and lab.py; nothing here is part of the method.
 
   python course.py student ../rlhf-lab        # a copy where each exercise raises NotImplementedError
   python course.py student ../rlhf-lab --exercises 5 7 8   # only these
   python course.py check                      # each grading test fails without its exercise, passes with it
-  python course.py plot_sweep runs/beta_* --out assets/kl_sweep.png    # gold and RM score against KL
-  python course.py plot_costs runs/default --out assets/compute_cost.png  # where the time goes
-  python course.py seeds --seeds 0 1 2 3 4 --plot assets/seeds.png      # the default run over 5 seeds, their spread
+  python course.py seeds --jobs 2 -- --threads 1     # the default run on seeds 0-4, the lab's figures of each
+  python course.py remedies --jobs 2 -- --threads 1  # chapter 12's experiments on copies of those runs
+  python course.py frontier --jobs 2 -- --threads 1  # chapter 13: best-of-n, DPO, RLOO, GRPO and PPO
+  python course.py redraws                    # chapter 8: seed 0's evaluation drawn again with 8 other seeds
+  python course.py collect runs/seeds/* && python course.py docs   # store the runs, write the docs' figures
 """
 
 import argparse
@@ -18,16 +20,19 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# What a student copy holds: what a learner needs; not this file, whose check needs the full rlhf.py.
-STUDENT_FILES = ["rlhf.py", "test_rlhf.py", "tutorial.md", "README.md", "requirements.txt", "assets"]
+# What a student copy holds: what a learner needs; not this file, whose check needs the full rlhf.py and lab.py.
+STUDENT_FILES = ["rlhf.py", "lab.py", "test_rlhf.py", "test_lab.py", "tutorial.md", "README.md", "requirements.txt",
+                 "assets"]
+TESTS = {"rlhf.py": "test_rlhf.py", "lab.py": "test_lab.py"}  # where each file's exercises are graded
 
-# number -> (function in rlhf.py, the pytest -k expression that grades it, exercises it needs first)
-# tutorial.md shows each as:  python -m pytest test_rlhf.py -k "<expression>"
+# number -> (function, the pytest -k expression that grades it, exercises it needs first); the function is in
+# rlhf.py, or in lab.py (LAB below). tutorial.md shows each as:  python -m pytest test_rlhf.py -k "<expression>"
 EXERCISES = {
     1: ("train_bpe", "test_train_bpe", ()),
     2: ("bpe_encode_chunk", "test_bpe_encode", ()),
@@ -49,7 +54,14 @@ EXERCISES = {
     18: ("grpo_advantages", "test_grpo_advantages", ()),
     19: ("best_of_n_kl", "test_best_of_n_kl", ()),
     20: ("sample_token", "test_sample_token", ()),
+    21: ("bootstrap_ci", "test_bootstrap_ci", ()),
 }
+LAB = {15, 16, 17, 18, 19}  # the exercises of lab.py's functions
+
+
+def file_of(n):
+    return "lab.py" if n in LAB else "rlhf.py"
+
 
 # Classic wrong solutions, as a student might write them from the tutorial's text: each is rlhf.py's own
 # function with one mistake made in it, as edits [(old, new), ...] (each `old` found exactly once in the
@@ -112,7 +124,7 @@ WRONG = {
     13: [("reads the logits one column late (off by one against the tokens)",
           [("logits_to_keep=R + 1)", "logits_to_keep=R)"), ("out.logits[:, :-1].float()", "out.logits.float()")]),
          ("reads the values at the response tokens (the state after each token)",
-          [("hidden = out.hidden_states[-1][:, n_prompt - 1:-1]", "hidden = out.hidden_states[-1][:, n_prompt:]")]),
+          [("out.hidden_states[-1][:, n_prompt - 1:-1]", "out.hidden_states[-1][:, n_prompt:]")]),
          ("forgets the sampling temperature", [("out.logits[:, :-1].float() / temperature", "out.logits[:, :-1].float()")]),
          ("lets left padding shift the positions", [("position_ids=position_ids(mask), ", "")])],
     14: [("takes the ratio against the current policy (clipping never acts)",
@@ -120,9 +132,9 @@ WRONG = {
          ("never clears the gradients between minibatches", [("opt.zero_grad(set_to_none=True)\n", "\n")]),
          ("computes the advantages from the critic being trained, not detached",
           [("exp[\"advantages\"][mb], m,", "(exp[\"returns\"][mb] - values) * m, m,")]),
-         ("forgets the value loss", [("loss = (pg_loss + cfg.vf_coef * vf_loss)", "loss = pg_loss")]),
+         ("forgets the value loss", [("loss = pg_loss + cfg.vf_coef * vf_loss", "loss = pg_loss")]),
          ("takes one step on the whole rollout per epoch (no minibatches)",
-          [(".split(cfg.minibatch_size // world())", ".split(len(exp[\"ids\"]))")]),
+          [(".split(cfg.minibatch_size)", ".split(len(exp[\"ids\"]))")]),
          ("never clips the gradient norm",
           [("torch.nn.utils.clip_grad_norm_(opt.param_groups[0][\"params\"], cfg.max_grad_norm)\n", "\n")])],
     15: [("takes the max instead of the min", [("scores.min(0).values", "scores.max(0).values")]),
@@ -165,12 +177,24 @@ WRONG = {
          ("returns the token before the one u falls on (off by one)",
           [("torch.searchsorted(cdf, u, right=True).squeeze(1)", "(torch.searchsorted(cdf, u, right=True).squeeze(1) - 1).clamp(min=0)")]),
          ("searches the probabilities, not their running sum", [("(logits.float() / temperature).softmax(-1).cumsum(-1)",
-                                                                "(logits.float() / temperature).softmax(-1)")])]
+                                                                "(logits.float() / temperature).softmax(-1)")])],
+    21: [("draws samples, not prompts",
+          [("rows = torch.randint(len(x), (resamples, len(x)), generator=torch.Generator().manual_seed(seed))  # (B, P)",
+            "x, y = (None if v is None else v.reshape(-1, 1) for v in (x, y))\n"
+            "    rows = torch.randint(len(x), (resamples, len(x)), generator=torch.Generator().manual_seed(seed))")]),
+         ("draws the policy's prompts and SFT's apart in a paired difference",
+          [("means = (mean(x) - mean(y) if y is not None else mean(x)).sort().values",
+            "means = mean(x).sort().values if y is None else (mean(x) - mean(y)[torch.randperm(resamples)]).sort().values")]),
+         ("takes the percentile one place too high (the 976th of 1000)",
+          [("means[math.ceil(0.975 * resamples) - 1]", "means[math.ceil(0.975 * resamples)]")]),
+         ("takes the middle 90%, not 95%",
+          [("means[int(0.025 * resamples)]", "means[int(0.05 * resamples)]"),
+           ("means[math.ceil(0.975 * resamples) - 1]", "means[math.ceil(0.95 * resamples) - 1]")])]
 }
 
 
 def grading_command(n):
-    return f'python -m pytest test_rlhf.py -k "{EXERCISES[n][1]}"'
+    return f'python -m pytest {TESTS[file_of(n)]} -k "{EXERCISES[n][1]}"'
 
 
 def stub_message(n):
@@ -189,18 +213,20 @@ def function_nodes(source, names):
     nodes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name in names}
     if len(nodes) != len(set(names)):
         missing = set(names) - set(nodes)
-        raise SystemExit(f"course.py: error: rlhf.py has no top-level function {', '.join(sorted(missing))}")
+        raise SystemExit(f"course.py: error: no top-level function {', '.join(sorted(missing))} in the source")
     return nodes
 
 
 def blank_functions(source, numbers):
-    """rlhf.py's text with the bodies of the given exercises replaced by a raise.
+    """The source of rlhf.py or lab.py with the bodies of the given exercises (those whose function it has) replaced
+    by a raise.
     The signature, decorators and docstring stay; every other line is untouched.
     Example: def f(x):\\n    \"\"\"Doc.\"\"\"\\n    return x
           -> def f(x):\\n    \"\"\"Doc.\"\"\"\\n    raise NotImplementedError("exercise 1: ...")
     """
     lines = source.splitlines(keepends=True)
-    wanted = {EXERCISES[n][0]: n for n in numbers}
+    defined = {node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+    wanted = {EXERCISES[n][0]: n for n in numbers if EXERCISES[n][0] in defined}
     for node in sorted(function_nodes(source, wanted).values(), key=lambda nd: nd.lineno, reverse=True):
         doc = node.body[0]  # bottom up: line numbers stay valid
         if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
@@ -213,8 +239,8 @@ def blank_functions(source, numbers):
 
 
 def wrong_source(source, n, fix):
-    """rlhf.py's text with exercise n's function made a classic wrong solution by the edits `fix`,
-    [(old, new), ...], to the function as rlhf.py has it, each old found there exactly once."""
+    """The source of exercise n's file with its function made a classic wrong solution by the edits `fix`,
+    [(old, new), ...], to the function as the file has it, each old found there exactly once."""
     name = EXERCISES[n][0]
     node = function_nodes(source, [name])[name]
     lines = source.splitlines(keepends=True)
@@ -233,8 +259,9 @@ def without_instructor_notes(text):
     return re.sub(r"<!-- instructor -->.*?<!-- /instructor -->\n?", "", text, flags=re.S)
 
 
-def make_student_copy(out, numbers=None, files=STUDENT_FILES, source=None):
-    """Write the student copy into the folder `out` (created; must be empty or new)."""
+def make_student_copy(out, numbers=None, files=STUDENT_FILES, sources=None):
+    """Write the student copy into the folder `out` (created; must be empty or new): the exercises `numbers` blank
+    in rlhf.py and lab.py; `sources` {file: text} instead of the repository's own files."""
     numbers = sorted(EXERCISES) if numbers is None else numbers
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"course.py: error: {out} is not empty; pick a new folder")
@@ -246,8 +273,8 @@ def make_student_copy(out, numbers=None, files=STUDENT_FILES, source=None):
             continue
         with open(src, encoding="utf-8") as f:
             text = f.read()
-        if name == "rlhf.py":
-            text = blank_functions(source or text, numbers)
+        if name in TESTS:
+            text = blank_functions((sources or {}).get(name, text), numbers)
         elif name.endswith(".md"):
             text = without_instructor_notes(text)
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
@@ -259,9 +286,8 @@ def make_student_copy(out, numbers=None, files=STUDENT_FILES, source=None):
 # The check: every exercise's grading test fails without its exercise, or with a classic mistake, and passes with it
 
 def run_grading(jobs):
-    """Run `pytest -k` jobs in this process: [(folder, expression)] -> [(exit code, [(test, failure text)])].
-    One process for every folder saves importing torch each time; each folder's rlhf and
-    test_rlhf are imported afresh."""
+    """Run `pytest -k` jobs in this process: [(folder, test file, expression)] -> [(exit code, [(test, failure)])].
+    One process for every folder saves importing torch each time; each folder's modules are imported afresh."""
     import pytest
 
     class Failures:
@@ -273,8 +299,8 @@ def run_grading(jobs):
                 self.found.append((report.nodeid.split("::")[-1], report.longreprtext))
 
     results = []
-    for folder, expression in jobs:
-        for name in ("rlhf", "test_rlhf"):
+    for folder, tests, expression in jobs:
+        for name in ("rlhf", "lab", "test_rlhf", "test_lab"):
             sys.modules.pop(name, None)
         saved_path, saved_cwd = sys.path[:], os.getcwd()
         sys.path.insert(0, folder)
@@ -283,7 +309,7 @@ def run_grading(jobs):
         try:
             # no:unraisableexception: its gc.collect cost 0.5 s per run, most of the check's time
             code = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
-                                "test_rlhf.py", "-k", expression], plugins=[failures])
+                                tests, "-k", expression], plugins=[failures])
         finally:
             sys.path[:] = saved_path
             os.chdir(saved_cwd)
@@ -292,15 +318,15 @@ def run_grading(jobs):
 
 
 def check():
-    """Run each exercise's grading command on copies of rlhf.py: the full one (must pass), the student
+    """Run each exercise's grading command on copies of rlhf.py and lab.py: the full ones (must pass), the student
     copy (must fail), one with only this exercise blank (must fail, with this exercise's error), one with
     every other exercise blank except those this one needs (must pass), and one per classic wrong
     solution in WRONG (must fail, naming this exercise; the graders of the exercises that need this one
     may fail too, but only naming this one). Returns a list of problems; empty when all is well."""
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = ["rlhf.py", "test_rlhf.py"]
-        source = open(os.path.join(HERE, "rlhf.py"), encoding="utf-8").read()
+        files = ["rlhf.py", "lab.py", "test_rlhf.py", "test_lab.py"]
+        source = {f: open(os.path.join(HERE, f), encoding="utf-8").read() for f in TESTS}
         full = make_student_copy(os.path.join(tmp, "full"), numbers=[], files=files)
         student = make_student_copy(os.path.join(tmp, "student"), files=files)
         # only this exercise blank; and every exercise blank except this one and the ones it needs
@@ -309,13 +335,13 @@ def check():
                                      numbers=[m for m in EXERCISES if m != n and m not in EXERCISES[n][2]])
                 for n in EXERCISES}
         wrong = {(n, i): make_student_copy(os.path.join(tmp, f"wrong_{n}_{i}"), numbers=[], files=files,
-                                           source=wrong_source(source, n, fix))
+                                           sources={file_of(n): wrong_source(source[file_of(n)], n, fix)})
                  for n, cases in WRONG.items() for i, (_, fix) in enumerate(cases)}
         jobs = []
         for n, (_, expression, _) in EXERCISES.items():
-            jobs += [(full, expression), (student, expression), (alone[n], expression), (done[n], expression)]
-        for (n, i), folder in wrong.items():
-            jobs.append((folder, " or ".join(EXERCISES[m][1] for m in [n] + dependents(n))))
+            jobs += [(folder, TESTS[file_of(n)], expression) for folder in (full, student, alone[n], done[n])]
+        for (n, i), folder in wrong.items():  # (the exercises that need one are in the same file)
+            jobs.append((folder, TESTS[file_of(n)], " or ".join(EXERCISES[m][1] for m in [n] + dependents(n))))
         # fresh processes (pytest's module cache must not hold this repository's rlhf), one per core, one
         # torch thread each: the jobs are small, and two of them at once take half the time of one after another
         n_proc = max(1, min(4, os.cpu_count() or 1))
@@ -336,7 +362,7 @@ def check():
             (full_code, _), (student_code, _), (alone_code, alone_failures), (done_code, done_failures) = (
                 next(results), next(results), next(results), next(results))
             if full_code != 0:
-                problems.append(f"exercise {n} ({func}): `-k {expression}` does not pass on the full rlhf.py "
+                problems.append(f"exercise {n} ({func}): `-k {expression}` does not pass on the full {file_of(n)} "
                                 f"(pytest exit code {full_code}; 5 means no test was selected)")
             if student_code != 1:
                 problems.append(f"exercise {n} ({func}): `-k {expression}` does not fail on the student copy "
@@ -363,7 +389,11 @@ def check():
 
 
 # -----------------------------------------------------------------------------
-# Plots for the tutorial's experiments (from the summary.json of finished runs)
+# The tutorial's experiments: the default run on seeds, and copies of it with one thing changed, each a run of
+# rlhf.py or lab.py that an instructor can repeat (the stored runs in assets/runs/ were made by these commands)
+
+FAMS = ("helpful", "harmless", "honest")
+
 
 def load_summary(run):
     path = os.path.join(run, "summary.json")
@@ -373,230 +403,513 @@ def load_summary(run):
         return json.load(f)
 
 
-def sweep_rows(summaries):
-    """(name, summary) of finished runs -> one row per run: its β, the PPO policy's KL, gold, RM and judge scores."""
-    rows = []
-    for run, s in summaries:
-        if "eval" not in s:
-            raise SystemExit(f"course.py: error: {run} has no evaluation; run `python rlhf.py --stage eval --out_dir {run}`")
-        c, e = s["ppo"]["config"], s["eval"]
-        beta = f"β {c['kl_coef']:g}" + (f" → target {c['kl_target']:g}" if c["adaptive_kl"] else "")
-        rows.append(dict(run=run, beta=beta, kl=e["ppo"]["kl"], gold=e["ppo"]["gold"], rm=e["ppo"]["rm"],
-                         win=e["win_rate_gold"]["rate"], distinct=e["ppo"]["distinct"], sft_gold=e["sft"]["gold"],
-                         sft_rm=e["sft"]["rm"], judge=e["ppo"]["judge"], sft_judge=e["sft"]["judge"],
-                         refreshes=len(s["ppo"].get("refreshes", []))))
-    return sorted(rows, key=lambda r: r["kl"])
+def run_stage(run, stage, flags, log, script="lab.py"):
+    """One stage of lab.py (or rlhf.py) on a run folder, with that run's seed unless `flags` name one (a stage run
+    alone takes --seed's default, 0)."""
+    seed = [] if "--seed" in flags else ["--seed", str(load_summary(run)["data"]["config"]["seed"])]
+    cmd = [sys.executable, os.path.join(HERE, script), "--stage", stage, "--out_dir", run] + seed + flags
+    with open(log, "a") as f:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"course.py: error: {' '.join(cmd)} failed; see {log}")
 
 
-def sweep_table(rows):
-    lines = ["| run | β | KL (nats) | gold | RM score | judge score | win rate (gold) | distinct |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['beta']} | {r['kl']:.2f} | {r['gold']:+.3f} | {r['rm']:+.3f} | {r['judge']:+.3f} "
-              f"| {r['win']:.3f} | {r['distinct']:.3f} |" for r in rows]
-    return "\n".join(lines)
+def in_parallel(jobs, fn, n):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda job: fn(*job), jobs))
 
 
-def plot_sweep(runs, out):
-    """Distribution shift: for each finished run, the held-out gold score, and the RM and judge scores, of the PPO
-    policy against its distance from SFT (√KL, Gao et al.'s axis). Prints the table, saves the plot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = sweep_rows([(run, load_summary(run)) for run in runs])
-    print(sweep_table(rows))
-    xs = [0.0] + [math.sqrt(max(r["kl"], 0.0)) for r in rows]  # the SFT policy sits at KL 0
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(xs, [rows[0]["sft_gold"]] + [r["gold"] for r in rows], "s-", color="tab:orange")
-    for label, x, y in [("SFT", 0.0, rows[0]["sft_gold"])] + [(r["beta"], x, r["gold"]) for r, x in zip(rows, xs[1:])]:
-        axes[0].annotate(label, (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
-    axes[0].set(title="the simulated human", ylabel="mean gold score (points)")
-    axes[1].plot(xs, [rows[0]["sft_rm"]] + [r["rm"] for r in rows], "o-", label="reward model (what PPO maximises)")
-    axes[1].plot(xs, [rows[0]["sft_judge"]] + [r["judge"] for r in rows], "x:", label="judge (a second reward model)")
-    axes[1].set(title="the reward models", ylabel="mean score (SFT samples: mean 0, std 1)")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.set(xlabel="√KL(π ‖ π_SFT), √nats per response (held-out prompts)")
-        ax.set_xlim(-0.2, max(xs) * 1.15 + 0.2)
-        ax.grid(alpha=0.3)
-    fig.suptitle("PPO policies at several β, on held-out prompts: the further from SFT, the more the two scores part", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"saved {out}")
-    return rows
+def copy_run(src, dest, steps, flags):
+    """dest: a copy of the finished run src, with the stages `steps` [(stage, flags)] run again by lab.py (kept if
+    dest has its last stage already)."""
+    last = steps[-1][0]
+    if last in (load_summary(dest) if os.path.exists(os.path.join(dest, "summary.json")) else {}):
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    for stage, extra in steps:
+        run_stage(dest, stage, extra + flags, dest + ".log")
+    return dest
 
 
 def run_seeds(seeds, out_dir, flags, jobs):
-    """Run `rlhf.py --stage all` once per seed (each in out_dir/seed_N; a finished one is kept), jobs at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """For each seed: seed_N, `rlhf.py --stage all` (the default run), and lab_seed_N, a copy of it with lab.py's
+    judge and evaluation (the judge's verdict, the reward model where each policy goes). Finished runs are kept."""
     def one(seed):
         run = os.path.join(out_dir, f"seed_{seed}")
-        if os.path.exists(os.path.join(run, "eval.md")):
-            return run
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else {}))
-        cmd = [sys.executable, os.path.join(HERE, "rlhf.py"), "--stage", "all", "--seed", str(seed), "--out_dir", run]
-        with open(run + ".log", "w") as log:
-            code = subprocess.run(cmd + flags, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        if code:
-            raise SystemExit(f"course.py: error: seed {seed} failed; see {run}.log")
-        shutil.copy(run + ".log", os.path.join(run, "run.log"))  # the printed output, quoted by the docs
+        if "eval" not in (load_summary(run) if os.path.exists(os.path.join(run, "summary.json")) else {}):
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else {}))
+            cmd = [sys.executable, os.path.join(HERE, "rlhf.py"), "--stage", "all", "--seed", str(seed), "--out_dir", run]
+            with open(run + ".log", "w") as log:
+                if subprocess.run(cmd + flags, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                    raise SystemExit(f"course.py: error: seed {seed} failed; see {run}.log")
+            shutil.copy(run + ".log", os.path.join(run, "run.log"))  # the printed output, quoted by the docs
+        copy_run(run, os.path.join(out_dir, f"lab_seed_{seed}"), [("judge", []), ("eval", [])], flags)
         print(f"seed {seed} done -> {run}")
         return run
 
     os.makedirs(out_dir, exist_ok=True)
-    with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(one, seeds))
+    return in_parallel([(s,) for s in seeds], one, jobs)
 
 
-FAMS = ("helpful", "harmless", "honest")
+# chapter 12: (name, seeds it runs on by default, [(stage, flags)]) on a copy of lab_seed_N
+REMEDIES = [
+    ("refresh", (0, 1, 2, 3, 4), [("ppo", ["--rm_refresh", "4"]), ("eval", [])]),
+    ("human as the reward", (0, 1, 2, 3, 4), [("ppo", ["--reward", "human"]), ("eval", [])]),  # a perfect RM
+    ("crowd pairs only", (0,), [("rm", ["--rm_samples", "0"]), ("ppo", []), ("eval", [])]),
+    ("hacking, one RM", (0,), [("ppo", ["--kl_coef", "0", "--no-adaptive_kl"]), ("eval", [])]),
+    ("hacking, refreshed RM", (0,), [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "4"]),
+                                     ("eval", [])]),
+    ("hacking, ensemble of 3", (0,), [("rm", ["--rm_ensemble", "3"]), ("ppo", ["--kl_coef", "0", "--no-adaptive_kl"]),
+                                      ("eval", [])]),
+    ("hacking, ensemble min", (0,), [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_combine", "min"]),
+                                     ("eval", [])]),
+    ("hacking, ensemble mean − std", (0,), [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_combine",
+                                                     "mean_minus_std"]), ("eval", [])]),
+]
+REMEDY_SOURCE = {"hacking, ensemble min": "hacking, ensemble of 3", "hacking, ensemble mean − std": "hacking, ensemble of 3"}
 
 
-def seed_row(name, s):
-    """The figures of one default run (its summary.json) that the seed table and plot show."""
-    e, rm = s["eval"], s["rm"]["heldout"]
-    own = {f: e["ppo"].get(f"rm_own_{f}") for f in FAMS}
-    return dict(run=name, seed=e["config"]["seed"], threads=e.get("threads"), rm=rm["acc_gold"],
-                **{f"rm_{f}": rm[f"acc_gold_{f}"] for f in FAMS}, **{f"own_{f}": own[f] for f in FAMS},
-                win=e["win_rate_gold"]["rate"], win_ci=e["win_rate_gold"]["ci"], judge_win=e["win_rate_judge"]["rate"],
-                ceiling=e["win_rate_ceiling"]["rate"], gold_sft=e["sft"]["gold"], gold_ppo=e["ppo"]["gold"],
-                kl=e["ppo"]["kl"], ended=e["ppo"]["ended"], wv_sft=e["sft"]["kinds_helpful"]["wrong value"],
-                wv_ppo=e["ppo"]["kinds_helpful"]["wrong value"],
-                wall=sum(s[k]["wall_s"] for k in ("sft", "rm", "judge", "ppo", "eval")),
-                **{f"{p}_{f}": e[p][f"success_{f}"] for p in ("sft", "ppo") for f in FAMS})
+def slug(name):
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def seeds_table(rows):
-    """The per-run table, with the median and range of each column."""
-    import statistics
-    head = ("| run | RM vs gold, crowd pairs (helpful / harmless / honest) | RM vs gold, PPO's own pairs (h / h / h) "
-            "| win rate [95%] | " + " | ".join(f"{f} SFT→PPO" for f in FAMS) + " | wrong values SFT→PPO | KL | wall s |")
-    fmt2 = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-    line = lambda r: (f"| {r['run']} | {r['rm']:.3f} ({r['rm_helpful']:.2f} / {r['rm_harmless']:.2f} / {r['rm_honest']:.2f}) "  # noqa: E731
-                      f"| {fmt2(r['own_helpful'])} / {fmt2(r['own_harmless'])} / {fmt2(r['own_honest'])} "
-                      f"| {r['win']:.3f} [{r['win_ci'][0]:.2f}, {r['win_ci'][1]:.2f}] | "
-                      + " | ".join(f"{r['sft_' + f]:.2f}→{r['ppo_' + f]:.2f}" for f in FAMS)
-                      + f" | {r['wv_sft']:.3f}→{r['wv_ppo']:.3f} | {r['kl']:.2f} | {r['wall']:.0f} |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"] + [line(r) for r in rows]
-    if len(rows) > 1:
-        for name, f in (("median", statistics.median), ("min", min), ("max", max)):
-            agg = {k: (f([r[k] for r in rows if r[k] is not None]) if any(r[k] is not None for r in rows) else None)
-                   for k in rows[0] if k == "wall" or isinstance(rows[0][k], float) or rows[0][k] is None}
-            agg.update(run=name, win_ci=[f(r["win_ci"][0] for r in rows), f(r["win_ci"][1] for r in rows)])
-            lines.append(line(agg))
-    return "\n".join(lines)
+def run_remedies(seeds, out_dir, base, flags, jobs, names=None):
+    """Each remedy of REMEDIES (or `names`) on copies of the seeds' lab runs (base/lab_seed_N, made if missing): the
+    folders out_dir/seed_N_<remedy>. An ensemble's PPO variants reuse the copy whose stage rm trained the ensemble."""
+    run_seeds(seeds, base, flags, jobs)
+    folder = lambda seed, name: os.path.join(out_dir, f"seed_{seed}_{slug(name)}")  # noqa: E731
+    wanted = [(seed, n, steps) for n, on, steps in REMEDIES for seed in (seeds if names else on)
+              if (names is None or n in names) and seed in seeds]
+    os.makedirs(out_dir, exist_ok=True)
+    for wave in ([w for w in wanted if w[1] not in REMEDY_SOURCE], [w for w in wanted if w[1] in REMEDY_SOURCE]):
+        in_parallel([(folder(seed, REMEDY_SOURCE[n]) if n in REMEDY_SOURCE else os.path.join(base, f"lab_seed_{seed}"),
+                      folder(seed, n), steps, flags) for seed, n, steps in wave],
+                    lambda src, dest, steps, fl: copy_run(src, dest, steps, fl), jobs)
+    return {(seed, n): folder(seed, n) for seed, n, _ in wanted}
 
 
-def plot_seeds(rows, out):
-    """The spread over runs: success per family SFT -> PPO, wrong values, win rate against its ceiling, and the
-    reward model's accuracy where it was trained and where PPO went."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    colors = dict(helpful="tab:blue", harmless="tab:red", honest="tab:green")
-    for i, f in enumerate(FAMS):
-        for r in rows:
-            axes[0].plot([3 * i, 3 * i + 1], [r["sft_" + f], r["ppo_" + f]], "o-", color=colors[f], alpha=0.6)
-        axes[0].text(3 * i + 0.5, 1.04, f, ha="center", color=colors[f])
-    axes[0].set_xticks([0, 1, 3, 4, 6, 7], ["SFT", "PPO"] * 3)
-    axes[0].set(title="success on held-out prompts, one line per run", ylabel="share of samples", ylim=(0, 1.1))
-    for r in rows:
-        axes[1].plot([0, 1], [r["wv_sft"], r["wv_ppo"]], "o-", color="tab:red", alpha=0.6)
-    axes[1].set_xticks([0, 1], ["SFT", "PPO"])
-    axes[1].set(title="helpful answers with a wrong value", ylabel="share of helpful samples", xlim=(-0.5, 1.5),
-                ylim=(0, None))
-    xs = list(range(len(rows)))
-    axes[2].errorbar(xs, [r["win"] for r in rows], yerr=[[r["win"] - r["win_ci"][0] for r in rows],
-                                                          [r["win_ci"][1] - r["win"] for r in rows]],
-                     fmt="o", capsize=3, label="PPO, by the gold score (95% interval)")
-    axes[2].plot(xs, [r["judge_win"] for r in rows], "x", color="tab:purple", label="PPO, by the judge")
-    axes[2].plot(xs, [r["ceiling"] for r in rows], "_", color="black", markersize=14, mew=2,
-                 label="ceiling: the best answer every time")
-    axes[2].axhline(0.5, color="gray", linestyle=":", linewidth=1)
-    axes[2].set_xticks(xs, [r["run"].replace("seed_", "s") for r in rows], rotation=45, fontsize=7)
-    axes[2].set(title="win rate over SFT (ties half)", ylabel="share of pairs won", ylim=(0, 1))
-    axes[2].legend(fontsize=7, loc="lower right")
-    for i, f in enumerate(FAMS):
-        axes[3].plot([x - 0.12 for x in xs], [r["rm_" + f] for r in rows], "o", color=colors[f], label=f"{f}, crowd pairs")
-        axes[3].plot([x + 0.12 for x in xs], [r["own_" + f] if r["own_" + f] is not None else float("nan") for r in rows],
-                     "s", mfc="none", color=colors[f], label=f"{f}, PPO's own samples")
-    axes[3].axhline(0.5, color="gray", linestyle=":", linewidth=1)
-    axes[3].set_xticks(xs, [r["run"].replace("seed_", "s") for r in rows], rotation=45, fontsize=7)
-    axes[3].set(title="reward model agrees with the human (held-out)", ylabel="share of comparisons", ylim=(0, 1))
-    axes[3].legend(fontsize=6, loc="lower right", ncol=2)
-    for a in axes:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    print(f"saved {out}")
-
-
-# -----------------------------------------------------------------------------
-# Was RL needed? Best-of-n, DPO, RLOO, GRPO and PPO on the same human: gold score against KL to SFT
-
-# (method, stage, flags): each a copy of a seed's default run (PPO at β 0.3, its eval), then the stage
+# chapter 13: (method, stage, flags), each on a copy of lab_seed_N; the first is lab_seed_N itself (PPO at β 0.3)
 FRONTIER = [("PPO", None, []), ("PPO", "ppo", ["--kl_coef", "0.1"]), ("PPO", "ppo", ["--kl_coef", "1"]),
             ("RLOO", "rloo", ["--kl_coef", "0.1"]), ("RLOO", "rloo", ["--kl_coef", "0.3"]),
             ("GRPO", "grpo", ["--kl_coef", "0.5"]), ("GRPO", "grpo", ["--kl_coef", "1"]),
             ("DPO", "dpo", ["--dpo_beta", "0.5"]), ("DPO", "dpo", ["--dpo_beta", "1"]), ("best-of-n", "bon", [])]
 
 
-def run_stage(run, stage, flags, log):
-    """One stage of rlhf.py on a copy of a seed's run, with that run's seed (a stage run alone takes --seed's
-    default, 0, unless it is given)."""
-    seed = [] if "--seed" in flags else ["--seed", str(load_summary(run)["data"]["config"]["seed"])]
-    cmd = [sys.executable, os.path.join(HERE, "rlhf.py"), "--stage", stage, "--out_dir", run] + seed + flags
-    with open(log, "a") as f:
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"course.py: error: {' '.join(cmd)} failed; see {log}")
+def frontier_slug(stage, extra):
+    return (stage + "".join(extra)).replace("--kl_coef", "_b").replace("--dpo_beta", "_b").replace("--", "_").replace(".", "p")
 
 
 def run_frontier(seeds, out_dir, base, flags, jobs):
-    """For each seed: its default run (`base`, made if missing), then one copy of it per setting of FRONTIER.
-    Returns {seed: [(method, setting, run folder)]}."""
-    from concurrent.futures import ThreadPoolExecutor
-    bases = run_seeds(seeds, base, flags, jobs)
-    jobs_list = []
-    for seed, b in zip(seeds, bases):
-        for method, stage, extra in FRONTIER:
-            name = f"seed_{seed}_" + frontier_slug(stage or "ppo", extra)
-            jobs_list.append((seed, method, stage, extra, b, os.path.join(out_dir, name)))
-
-    def one(job):
-        seed, method, stage, extra, b, run = job
-        done = os.path.join(run, "bon.md" if stage == "bon" else f"{stage}_eval.md" if stage in ("dpo", "rloo", "grpo") else "eval.md")
-        if stage is None:
-            return job[:4] + (b,)
-        if not os.path.exists(done):
-            shutil.rmtree(run, ignore_errors=True)
-            shutil.copytree(b, run)
-            run_stage(run, stage, extra + flags, run + ".log")
-            if stage == "ppo":
-                run_stage(run, "eval", flags, run + ".log")
-        return job[:4] + (run,)
-
+    """For each seed, one copy of its lab run per setting of FRONTIER: out_dir/seed_N_<setting>."""
+    run_seeds(seeds, base, flags, jobs)
+    work = []
+    for seed in seeds:
+        for _, stage, extra in FRONTIER[1:]:
+            steps = [(stage, extra)] + ([("eval", [])] if stage == "ppo" else [])
+            work.append((os.path.join(base, f"lab_seed_{seed}"),
+                         os.path.join(out_dir, f"seed_{seed}_{frontier_slug(stage, extra)}"), steps, flags))
     os.makedirs(out_dir, exist_ok=True)
-    with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(one, jobs_list))
+    in_parallel(work, copy_run, jobs)
 
 
-def frontier_rows(results):
-    """One row per (seed, method, setting): KL to SFT, gold score, win rate over SFT, success per family, seconds."""
+def run_redraws(run, out_dir, seeds):
+    """The evaluation of one finished lab run drawn again with other seeds (its samples and its bootstrap): how much
+    of a figure is the draw of the evaluation, with the same models."""
+    os.makedirs(out_dir, exist_ok=True)
+    for s in seeds:
+        copy_run(run, os.path.join(out_dir, f"redraw_{s}"), [("eval", ["--seed", str(s)])], [])
+
+
+# -----------------------------------------------------------------------------
+# The figures of the docs: every measured number in README.md and tutorial.md comes from a named run, whose
+# summary.json (with its ppo_metrics.jsonl and printed log) `collect` copies into assets/runs/NAME/. In the docs, a
+# number is written inside a span that names its source, and a table inside a block:
+#   <!--f seed_0 eval.win_rate_gold .3f-->0.681<!--/f-->                   one run's figure (a {mean, ci}: the mean)
+#   <!--f seed_0 eval.win_rate_gold .3f ci-->0.681 [0.665, 0.696]<!--/f--> the same with its 95% interval
+#   <!--f thread1 eval.win_rate_gold range .2f-->0.65–0.69<!--/f-->        over a group of runs: median, min, max, range
+#   <!--d thread1 eval.difference.gold higher|lower|no different-->higher<!--/d-->   a direction: the first word where
+#       every run's interval lies above 0, the second where every one lies below, else the third
+#   <!--n thread1 eval.difference.helpful.kinds.wrong_value above-->3<!--/n-->   how many runs' intervals lie above 0
+#       (below 0, or include it: tie)
+#   <!--table seeds thread1-->...<!--/table-->                              a table (TABLES below), from the same files
+# `python course.py docs` rewrites every span and block from the files; a test fails when a doc differs, so a figure
+# edited by hand, or a direction its intervals do not support, fails it.
+
+RUNS = os.path.join(HERE, "assets", "runs")
+GROUPS = {"seeds": [f"seed_{i}" for i in range(5)],  # seed 0 with 2 threads (the README's), seeds 1-4 with one
+          "thread1": ["seed0_1thread"] + [f"seed_{i}" for i in range(1, 5)],  # seeds 0-4, one thread each
+          "runs6": [f"seed_{i}" for i in range(5)] + ["seed0_1thread"],
+          "lab": [f"lab_seed_{i}" for i in range(5)],  # thread1's runs with lab.py's judge and evaluation
+          "refresh": [f"rem_seed_{i}_refresh" for i in range(5)], "human": [f"rem_seed_{i}_human_as_the_reward"
+                                                                             for i in range(5)],
+          "redraws": [f"redraw_{s}" for s in range(101, 109)]}  # lab_seed_0's evaluation drawn again
+SPAN = re.compile(r"<!--([fdn]) ([^>]*?)-->(.*?)<!--/\1-->", re.S)
+BLOCK = re.compile(r"<!--table ([^>]*?)-->\n(.*?)<!--/table-->", re.S)
+PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")  # a progress bar's line (tqdm), or the blank that clears it
+
+
+def collect(runs, names=None):
+    """Copy the figures of finished runs into assets/runs/NAME/ (NAME: the run folder's name, or `names`)."""
+    for i, run in enumerate(runs):
+        name = names[i] if names else os.path.basename(os.path.abspath(run))
+        dest = os.path.join(RUNS, name)
+        os.makedirs(dest, exist_ok=True)
+        with open(os.path.join(dest, "summary.json"), "w") as f:
+            json.dump(load_summary(run), f, indent=1)
+        for extra in ("ppo_metrics.jsonl", "probe.json"):
+            if os.path.exists(os.path.join(run, extra)):
+                shutil.copy(os.path.join(run, extra), dest)
+        if os.path.exists(os.path.join(run, "run.log")):  # the printed output, without the progress bars
+            with open(os.path.join(run, "run.log"), encoding="utf-8", errors="replace") as f:
+                lines = [line for line in f if not PROGRESS.search(line)]
+            with open(os.path.join(dest, "run.log"), "w", encoding="utf-8") as f:
+                f.writelines(lines)
+        print(f"{run} -> {dest}")
+
+
+def stored(name):
+    path = os.path.join(RUNS, name, "summary.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"course.py: error: no stored run {name!r} ({path}); `python course.py collect RUN` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def value(summary, path, whole=False):
+    """summary['eval']['win_rate_gold'] for the path 'eval.win_rate_gold' (a key with a space, like 'wrong value', is
+    written with _ : 'eval.ppo.helpful.kinds.wrong_value'); a figure with an interval gives its mean (whole: both)."""
+    v = summary
+    for key in path.split("."):
+        v = v[int(key)] if isinstance(v, list) else v[key] if key in v else v[key.replace("_", " ")]
+    return v["mean"] if isinstance(v, dict) and "mean" in v and not whole else v
+
+
+def fmt(v, spec):
+    return f"{v:{spec}}".replace("-", "−") if spec.startswith("+") else f"{v:{spec}}"
+
+
+def runs_of(name):
+    return GROUPS.get(name, [name])
+
+
+def direction(name, path):
+    """'above', 'below' or 'tie' for each run of `name`: where its 95% interval of the figure lies against 0."""
+    out = []
+    for run in runs_of(name):
+        lo, hi = value(stored(run), path, whole=True)["ci"]
+        out.append("above" if lo > 0 else "below" if hi < 0 else "tie")
+    return out
+
+
+def figure(kind, spec):
+    """The text of one span: f 'RUN PATH FORMAT [ci]' or 'GROUP PATH median|min|max|range FORMAT'; d 'GROUP PATH
+    up|down|tie words'; n 'GROUP PATH above|below|tie'."""
+    parts = spec.split()
+    if kind == "d":
+        words, where = " ".join(parts[2:]).split("|"), set(direction(parts[0], parts[1]))
+        return words[0] if where == {"above"} else words[1] if where == {"below"} else words[2]
+    if kind == "n":
+        return str(direction(parts[0], parts[1]).count(parts[2]))
+    if parts[0] == "course":  # a count of this file's own: the exercises, their classic wrong solutions
+        return str({"exercises": len(EXERCISES), "wrong": sum(map(len, WRONG.values()))}[parts[1]])
+    if parts[0] in GROUPS and parts[2] in ("median", "min", "max", "range"):
+        group, path, agg, f = parts
+        xs = [value(stored(r), path) for r in GROUPS[group]]
+        if agg == "range":
+            return f"{fmt(min(xs), f)}–{fmt(max(xs), f)}"
+        return fmt(dict(median=statistics.median, min=min, max=max)[agg](xs), f)
+    run, path, f = parts[:3]
+    if parts[3:] == ["ci"]:
+        v = value(stored(run), path, whole=True)
+        return f"{fmt(v['mean'], f)} [{fmt(v['ci'][0], f)}, {fmt(v['ci'][1], f)}]"
+    return fmt(value(stored(run), path), f)
+
+
+def render_docs(text):
+    """`text` with every span and table block written anew from the stored runs."""
+    text = SPAN.sub(lambda m: f"<!--{m.group(1)} {m.group(2)}-->{figure(m.group(1), m.group(2))}<!--/{m.group(1)}-->",
+                    text)
+    return BLOCK.sub(lambda m: f"<!--table {m.group(1)}-->\n{table(m.group(1))}\n<!--/table-->", text)
+
+
+def table(spec):
+    name, *args = spec.split()
+    if name not in TABLES:
+        raise SystemExit(f"course.py: error: no table {name!r}; tables: {', '.join(TABLES)}")
+    return TABLES[name](*args).rstrip("\n")
+
+
+def ci(f, spec=".2f"):
+    return "–" if f is None else f"{fmt(f['mean'], spec)} [{fmt(f['ci'][0], spec)}, {fmt(f['ci'][1], spec)}]"
+
+
+def eval_md(run):
+    """A run's eval.md, from its summary: rlhf.py's table, and lab.py's rows where the lab evaluated it."""
+    import lab
+    e = stored(run)["eval"]
+    return lab.lab_table(e) if "ceiling" in e else __import__("rlhf").eval_table(e)
+
+
+def log_lines(run, start, count):
+    """`count` lines of a run's printed log, from the first that starts with `start` (a quote of the output)."""
+    with open(os.path.join(RUNS, run, "run.log"), encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if not PROGRESS.search(line)]
+    start = start.replace("_", " ")
+    i = next((i for i, line in enumerate(lines) if line.startswith(start)), None)
+    if i is None:
+        raise SystemExit(f"course.py: error: the log of {run} has no line starting with {start!r}")
+    return "```text\n" + "\n".join(lines[i:i + int(count)]) + "\n```"
+
+
+def ppo_rows(run):
+    with open(os.path.join(RUNS, run, "ppo_metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def ppo_steps_table(run, *steps):
+    """Some rows of a run's ppo_metrics.jsonl."""
+    rows = {r["step"]: r for r in ppo_rows(run)}
+    lines = ["| step | RM score | gold score | KL (nats) | entropy | clipfrac | approx_kl | value_ev |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in map(int, steps):
+        r = rows[k]
+        lines.append(f"| {k} | {r['rm_score']:.3f} | {r['gold']:.3f} | {r['kl']:.2f} | {r['entropy']:.3f} "
+                     f"| {r['clipfrac']:.3f} | {r['approx_kl']:.4f} | {r['value_ev']:.2f} |")
+    return "\n".join(lines)
+
+
+def ppo_blocks_table(group, size="10"):
+    """Means of the RM score and the gold score over blocks of PPO steps, for each run of a group."""
+    size, runs = int(size), runs_of(group)
+    n = len(ppo_rows(runs[0]))
+    head = "| run | | " + " | ".join(f"steps {i + 1}–{min(n, i + size)}" for i in range(0, n, size)) + " |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for run in runs:
+        rows = ppo_rows(run)
+        for key, name in (("rm_score", "RM score"), ("gold", "gold score")):
+            means = [sum(r[key] for r in rows[i:i + size]) / len(rows[i:i + size]) for i in range(0, n, size)]
+            lines.append(f"| {run} | {name} | " + " | ".join(f"{v:+.2f}" for v in means) + " |")
+    return "\n".join(lines)
+
+
+def seed_row(name, s):
+    """The figures of one default run (its summary.json) that the seed table and plot show."""
+    e = s["eval"]
+    return dict(run=name, seed=e["config"]["seed"], threads=e.get("threads"), rm=s["rm"]["heldout"]["acc_gold"],
+                win=e["win_rate_gold"], gold=e["difference"]["gold"], kl=e["ppo"]["kl"],
+                wv=(e["sft"]["helpful"]["kinds"]["wrong value"], e["ppo"]["helpful"]["kinds"]["wrong value"],
+                    e["difference"]["helpful"]["kinds"]["wrong value"]),
+                wall=sum(s[k]["wall_s"] for k in ("sft", "rm", "ppo", "eval") if k in s),
+                **{f: (e["sft"][f]["success"], e["ppo"][f]["success"], e["difference"][f]["success"]) for f in FAMS})
+
+
+def front_table(group="thread1"):
+    """The README's table: the win rate, each family's success SFT → PPO, the helpful answers with a wrong value."""
+    lines = ["| run | win rate over SFT [95%] | helpful success | harmless success | honest success | wrong values, "
+             "PPO − SFT [95%] |", "|---|---|---|---|---|---|"]
+    for r in [seed_row(r, stored(r)) for r in runs_of(group)]:
+        lines.append(f"| {r['run']} | {ci(r['win'], '.3f')} | " + " | ".join(
+            f"{r[f][0]['mean']:.2f} → {r[f][1]['mean']:.2f}" for f in FAMS) + f" | {ci(r['wv'][2], '+.3f')} |")
+    return "\n".join(lines)
+
+
+def seeds_table(group="runs6"):
+    """The default runs: the win rate over SFT, each family's success SFT → PPO with the difference's interval, the
+    helpful answers with a wrong value, the gold score's difference, KL, the reward model's held-out accuracy."""
+    rows = [seed_row(r, stored(r)) for r in runs_of(group)]
+    head = ("| run | win rate [95%] | " + " | ".join(f"{f}: SFT → PPO, difference [95%]" for f in FAMS) +
+            " | wrong values: SFT → PPO, difference [95%] | gold, PPO − SFT [95%] | KL | RM vs gold | wall s |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        fam = lambda t: f"{t[0]['mean']:.2f} → {t[1]['mean']:.2f}, {ci(t[2])}"  # noqa: E731
+        lines.append(f"| {r['run']} | {ci(r['win'], '.3f')} | " + " | ".join(fam(r[f]) for f in FAMS) +
+                     f" | {r['wv'][0]['mean']:.3f} → {r['wv'][1]['mean']:.3f}, {ci(r['wv'][2], '.3f')} | "
+                     f"{ci(r['gold'])} | {r['kl']['mean']:.2f} | {r['rm']:.3f} | {r['wall']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_seeds(rows, out):
+    """Each figure per run with its 95% interval: what varies with the seed (the runs) and what with the draw of
+    the evaluation (each interval). Success per family SFT and PPO, the helpful answers with a wrong value, and the
+    win rate over SFT."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
+    xs = list(range(len(rows)))
+    labels = [r["run"].replace("seed_", "s").replace("seed0_1thread", "s0, 1 thread") for r in rows]
+
+    def bars(ax, pick, colour, label, dx):
+        ys = [pick(r)["mean"] for r in rows]
+        err = [[y - pick(r)["ci"][0] for y, r in zip(ys, rows)], [pick(r)["ci"][1] - y for y, r in zip(ys, rows)]]
+        ax.errorbar([x + dx for x in xs], ys, yerr=err, fmt="o", capsize=3, color=colour, label=label)
+
+    for ax, f in zip(axes, FAMS):
+        bars(ax, lambda r, f=f: r[f][0], "tab:gray", "SFT", -0.1)
+        bars(ax, lambda r, f=f: r[f][1], "tab:blue", "PPO", 0.1)
+        ax.set(title=f"{f}: success", ylabel="share of samples", ylim=(0, 1.05))
+    bars(axes[3], lambda r: r["wv"][0], "tab:gray", "SFT", -0.1)
+    bars(axes[3], lambda r: r["wv"][1], "tab:red", "PPO", 0.1)
+    axes[3].set(title="helpful: a wrong value", ylabel="share of helpful samples", ylim=(0, None))
+    bars(axes[4], lambda r: r["win"], "tab:blue", "PPO over SFT", 0.0)
+    axes[4].axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    axes[4].set(title="win rate over SFT (ties half)", ylabel="share of pairs won", ylim=(0.4, 0.8))
+    for ax in axes:
+        ax.set_xticks(xs, labels, rotation=45, fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("The default run on each seed, each figure with its 95% interval over the held-out prompts: the "
+                 "spread of the points is the seed's, the length of the bars the evaluation's", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"saved {out}")
+
+
+NOISE = [("win rate over SFT", "eval.win_rate_gold", ".3f"), ("mean gold score, PPO", "eval.ppo.gold", "+.3f"),
+         ("mean gold score, PPO − SFT", "eval.difference.gold", "+.3f"),
+         ("helpful success, PPO − SFT", "eval.difference.helpful.success", "+.3f"),
+         ("helpful answers with a wrong value, SFT", "eval.sft.helpful.kinds.wrong_value", ".3f"),
+         ("helpful answers with a wrong value, PPO", "eval.ppo.helpful.kinds.wrong_value", ".3f"),
+         ("helpful answers with a wrong value, PPO − SFT", "eval.difference.helpful.kinds.wrong_value", "+.3f"),
+         ("KL to SFT (nats)", "eval.ppo.kl", ".3f"),
+         ("RM agrees with gold on PPO's own helpful pairs", "eval.ppo.helpful.rm_own", ".3f")]
+
+
+def noise_table(run="lab_seed_0", group="redraws"):
+    """One run's evaluation against 8 others of the same models drawn with other seeds: each figure, its interval,
+    the other draws' range, and how many of them fall inside the first draw's interval."""
+    lines = [f"| figure | `{run}`'s own draw [95% interval] | 8 other draws, range | inside the interval |",
+             "|---|---|---|---|"]
+    for name, path, f in NOISE:
+        own = value(stored(run), path, whole=True)
+        others = [value(stored(r), path) for r in GROUPS[group]]
+        inside = sum(own["ci"][0] <= x <= own["ci"][1] for x in others)
+        lines.append(f"| {name} | {ci(own, f)} | {fmt(min(others), f)}–{fmt(max(others), f)} | {inside} of "
+                     f"{len(others)} |")
+
+    def figures(d, path=()):  # every {mean, ci} of an evaluation, by its path
+        if isinstance(d, dict) and "ci" in d and "mean" in d:
+            yield path, d
+        elif isinstance(d, dict):
+            for k, v in d.items():
+                yield from figures(v, path + (k,))
+
+    def at(d, path):
+        for k in path:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    own = [(path, f) for path, f in figures(stored(run)["eval"]) if f.get("ci")]
+    hits = [sum(f["ci"][0] <= at(stored(r)["eval"], path)["mean"] <= f["ci"][1] for r in GROUPS[group]) for path, f in own]
+    lines.append(f"| every figure of the evaluation ({len(own)}; {sum(h < len(GROUPS[group]) - 1 for h in hits)} with "
+                 f"fewer than {len(GROUPS[group]) - 1} inside) | | | {sum(hits)} of {len(GROUPS[group]) * len(own)} |")
+    return "\n".join(lines)
+
+
+def remedy_row(seed, name, s):
+    e, p = s["eval"], s["ppo"]
+    return dict(seed=seed, name=name, win=e["win_rate_gold"], gold=e["ppo"]["gold"], rm=e["ppo"]["rm"],
+                kl=e["ppo"]["kl"], wv=e["difference"]["helpful"]["kinds"]["wrong value"],
+                wv_sft=e["sft"]["helpful"]["kinds"]["wrong value"], wv_ppo=e["ppo"]["helpful"]["kinds"]["wrong value"],
+                own=e["ppo"]["helpful"].get("rm_own"), ppo_s=p["wall_s"], **{f: e["ppo"][f]["success"] for f in FAMS})
+
+
+def remedies_table(rows):
+    lines = ["| seed | run | win rate over SFT [95%] | gold | RM score | KL (nats) | helpful / harmless / honest | "
+             "wrong values SFT → PPO, difference [95%] | RM vs gold, PPO's helpful pairs [95%] | PPO s |",
+             "|---" * 10 + "|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['name']} | {ci(r['win'], '.3f')} | {fmt(r['gold']['mean'], '+.3f')} | "
+                     f"{fmt(r['rm']['mean'], '+.3f')} | {r['kl']['mean']:.2f} | "
+                     + " / ".join(f"{r[f]['mean']:.2f}" for f in FAMS) +
+                     f" | {r['wv_sft']['mean']:.3f} → {r['wv_ppo']['mean']:.3f}, {ci(r['wv'], '+.3f')} | "
+                     f"{ci(r['own'])} | {r['ppo_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def versus_table(*runs):
+    """Stored runs in pairs, a lab run and a copy of it with one remedy: `versus A0 B0 A1 B1 ...`."""
     rows = []
-    for seed, method, stage, extra, run in results:
-        s = load_summary(run)
-        setting = " ".join(extra).replace("--kl_coef", "β").replace("--dpo_beta", "β") or ("β 0.3" if method == "PPO" else "")
-        if stage == "bon":
-            for r in s["bon"]["rows"]:
-                rows.append(dict(seed=seed, method="best-of-n", setting=f"n {r['n']}", kl=r["kl"], kl_formula=r["kl_formula"],
-                                 gold=r["gold"], win=r["win_rate_gold"]["rate"], ci=r["win_rate_gold"]["ci"],
-                                 seconds=s["bon"]["wall_s"], **{f: r[f"success_{f}"] for f in ("helpful", "harmless", "honest")}))
-            continue
-        e = s["eval"] if stage in (None, "ppo") else s[stage]
-        pol = e["policy"]
-        seconds = s["ppo"]["wall_s"] if stage in (None, "ppo") else e["train_s"]
-        rows.append(dict(seed=seed, method=method, setting=setting, kl=e[pol]["kl"], gold=e[pol]["gold"],
-                         win=e["win_rate_gold"]["rate"], ci=e["win_rate_gold"]["ci"], seconds=seconds,
-                         sft_gold=e["sft"]["gold"], **{f: e[pol][f"success_{f}"] for f in ("helpful", "harmless", "honest")}))
+    for base, other in zip(runs[::2], runs[1::2]):
+        seed = stored(base)["data"]["config"]["seed"]
+        name = re.sub(r"^rem_seed_\d+_", "", other).replace("_", " ")
+        rows += [remedy_row(seed, "default", stored(base)), remedy_row(seed, name, stored(other))]
+    return remedies_table(rows)
+
+
+def hacking_table(seed="0"):
+    names = ["default"] + [n for n, _, _ in REMEDIES if n.startswith("hacking")]
+    runs = [f"lab_seed_{seed}"] + [f"rem_seed_{seed}_{slug(n)}" for n in names[1:]]
+    return remedies_table([remedy_row(int(seed), n, stored(r)) for n, r in zip(names, runs)])
+
+
+def sweep_rows(names):
+    """One row per run: its β, the PPO policy's KL, gold, RM and judge scores, win rate."""
+    rows = []
+    for run in names:
+        s = stored(run)
+        c, e = s["ppo"]["config"], s["eval"]
+        rows.append(dict(run=run, beta=f"β {c['kl_coef']:g}", kl=e["ppo"]["kl"]["mean"], gold=e["ppo"]["gold"]["mean"],
+                         rm=e["ppo"]["rm"]["mean"], judge=e["ppo"]["judge"]["mean"], win=e["win_rate_gold"],
+                         sft=(e["sft"]["gold"]["mean"], e["sft"]["rm"]["mean"], e["sft"]["judge"]["mean"])))
+    return sorted(rows, key=lambda r: r["kl"])
+
+
+def sweep_table(*runs):
+    lines = ["| run | β | KL (nats) | gold | RM score | judge score | win rate over SFT [95%] |", "|---" * 7 + "|"]
+    lines += [f"| {r['run']} | {r['beta']} | {r['kl']:.2f} | {fmt(r['gold'], '+.3f')} | {fmt(r['rm'], '+.3f')} | "
+              f"{fmt(r['judge'], '+.3f')} | {ci(r['win'], '.3f')} |" for r in sweep_rows(runs)]
+    return "\n".join(lines)
+
+
+def plot_sweep(runs, out):
+    """Distribution shift: the PPO policy's held-out gold score, and its RM and judge scores, against its distance
+    from SFT (√KL, Gao et al.'s axis), for stored runs at several β."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sweep_rows(runs)
+    xs = [0.0] + [math.sqrt(max(r["kl"], 0.0)) for r in rows]  # the SFT policy sits at KL 0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(xs, [rows[0]["sft"][0]] + [r["gold"] for r in rows], "s-", color="tab:orange")
+    for label, x, y in [("SFT", 0.0, rows[0]["sft"][0])] + [(r["beta"], x, r["gold"]) for r, x in zip(rows, xs[1:])]:
+        axes[0].annotate(label, (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
+    axes[0].set(title="the simulated human", ylabel="mean gold score (points)")
+    axes[1].plot(xs, [rows[0]["sft"][1]] + [r["rm"] for r in rows], "o-", label="reward model (what PPO maximises)")
+    axes[1].plot(xs, [rows[0]["sft"][2]] + [r["judge"] for r in rows], "x:", label="judge (a second reward model)")
+    axes[1].set(title="the reward models", ylabel="mean score (SFT samples: mean 0, std 1)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.set(xlabel="√KL(π ‖ π_SFT), √nats per response (held-out prompts)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("PPO at several β, held-out prompts: the further from SFT, the more the scores part", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"saved {out}")
+
+
+def frontier_rows(seeds):
+    """One row per (seed, method, setting) of the stored frontier runs: KL to SFT, gold score, win rate over SFT,
+    success per family, seconds (front_seed_N_<setting>; the PPO default is lab_seed_N)."""
+    rows = []
+    for seed in map(int, seeds):
+        for method, stage, extra in FRONTIER:
+            s = stored(f"lab_seed_{seed}" if stage is None else f"front_seed_{seed}_{frontier_slug(stage, extra)}")
+            setting = " ".join(extra).replace("--kl_coef", "β").replace("--dpo_beta", "β") or (
+                "β 0.3" if method == "PPO" else "")
+            if stage == "bon":
+                for r in s["bon"]["rows"]:
+                    rows.append(dict(seed=seed, method=method, setting=f"n {r['n']}", kl=r["kl"], gold=r["gold"],
+                                     win=r["win_rate_gold"], seconds=s["bon"]["wall_s"],
+                                     **{f: r[f"success_{f}"] for f in FAMS}))
+                continue
+            e = s["eval"] if stage in (None, "ppo") else s[stage]
+            pol = e["policy"]
+            rows.append(dict(seed=seed, method=method, setting=setting, kl=e[pol]["kl"]["mean"],
+                             gold=e[pol]["gold"]["mean"], win=e["win_rate_gold"], sft_gold=e["sft"]["gold"]["mean"],
+                             seconds=s["ppo"]["wall_s"] if stage in (None, "ppo") else e["train_s"],
+                             **{f: e[pol][f]["success"]["mean"] for f in FAMS}))
     return rows
 
 
@@ -610,13 +923,13 @@ def at_matched_kl(rows, target=1.0):
     return [best[k] for k in sorted(best)]
 
 
-def frontier_table(rows, target=1.0):
-    lines = [f"| seed | method | setting | KL (nats) | gold score | win rate over SFT [95%] | helpful | harmless | honest | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in at_matched_kl(rows, target):
-        lines.append(f"| {r['seed']} | {r['method']} | {r['setting']} | {r['kl']:.2f} | {r['gold']:+.3f} | "
-                     f"{r['win']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['helpful']:.2f} | {r['harmless']:.2f} | "
-                     f"{r['honest']:.2f} | {r['seconds']:.0f} |")
+def frontier_table(*seeds):
+    lines = ["| seed | method | setting | KL (nats) | gold score | win rate over SFT [95%] | helpful | harmless | "
+             "honest | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in at_matched_kl(frontier_rows(seeds or (0, 1, 2))):
+        lines.append(f"| {r['seed']} | {r['method']} | {r['setting']} | {r['kl']:.2f} | {fmt(r['gold'], '+.3f')} | "
+                     f"{ci(r['win'], '.3f')} | {r['helpful']:.2f} | {r['harmless']:.2f} | {r['honest']:.2f} | "
+                     f"{r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -633,16 +946,10 @@ def plot_frontier(rows, out):
         sft = next(r["sft_gold"] for r in mine if "sft_gold" in r)
         for method, colour in colours.items():
             pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["kl"])
-            if not pts:
-                continue
             xs = [0.0] + [math.sqrt(max(r["kl"], 0.0)) for r in pts]
             ax.plot(xs, [sft] + [r["gold"] for r in pts], "o-" if method != "best-of-n" else ".-", color=colour,
-                    label=method if method != "best-of-n" else "best-of-n (KL estimated)", markersize=4)
-            if method == "best-of-n":
-                ax.plot([0.0] + [math.sqrt(r["kl_formula"]) for r in pts], [sft] + [r["gold"] for r in pts], ":",
-                        color="gray", label="best-of-n (KL by log n − (n−1)/n)")
+                    label=method, markersize=4)
         ax.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
-        ax.text(1.02, ax.get_ylim()[0], "1 nat", fontsize=7, color="gray", va="bottom")
         ax.set(title=f"seed {seed}", xlabel="√KL(π ‖ π_SFT), √nats (held-out prompts)", xlim=(0, None))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold score (the simulated human, points)")
@@ -653,64 +960,17 @@ def plot_frontier(rows, out):
     print(f"saved {out}")
 
 
-# -----------------------------------------------------------------------------
-# The article's remedies for reward hacking: refresh the reward model, several independent reward models
-
-REMEDIES = [  # (name, [(stage, flags), ...]) run on a copy of a seed's default run (whose PPO refreshes its RM --rm_refresh times)
-    ("crowd pairs only", [("rm", ["--rm_samples", "0"]), ("ppo", ["--rm_samples", "0"]), ("eval", [])]),  # 0 at ppo: no refresh
-    ("no refresh", [("ppo", ["--rm_refresh", "0"]), ("eval", [])]),
-    ("human as the reward", [("ppo", ["--reward", "human"]), ("eval", [])]),  # a perfect reward model, the yardstick
-    ("hacking, one RM", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "0"]), ("eval", [])]),
-    ("hacking, refreshed RM", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl"]), ("eval", [])]),
-    ("hacking, ensemble of 3", [("rm", ["--rm_ensemble", "3"]),
-                                ("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "0"]), ("eval", [])]),
-    ("hacking, ensemble min", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "0", "--rm_combine", "min"]),
-                               ("eval", [])]),
-    ("hacking, ensemble mean − std", [("ppo", ["--kl_coef", "0", "--no-adaptive_kl", "--rm_refresh", "0",
-                                               "--rm_combine", "mean_minus_std"]), ("eval", [])]),
-]
-REMEDY_SOURCE = {"hacking, ensemble min": "hacking, ensemble of 3", "hacking, ensemble mean − std": "hacking, ensemble of 3"}
+def bon_stored_table(seed):
+    import lab
+    return lab.bon_table(stored(f"front_seed_{seed}_bon")["bon"]["rows"])
 
 
-def run_remedies(seeds, out_dir, base, flags, jobs):
-    """Every remedy of REMEDIES on a copy of each seed's default run (an ensemble's PPO variants reuse the copy
-    whose stage rm trained the ensemble). Returns {(seed, name): run folder}."""
-    from concurrent.futures import ThreadPoolExecutor
-    bases = dict(zip(seeds, run_seeds(seeds, base, flags, jobs)))
-    folder = lambda seed, name: os.path.join(out_dir, f"seed_{seed}_{slug(name)}")  # noqa: E731
-
-    def one(seed, name, steps):
-        run = folder(seed, name)
-        if not os.path.exists(os.path.join(run, "eval.md")):
-            shutil.rmtree(run, ignore_errors=True)
-            src = folder(seed, REMEDY_SOURCE[name]) if name in REMEDY_SOURCE else bases[seed]
-            shutil.copytree(src, run, ignore=shutil.ignore_patterns("eval.md"))
-            for stage, extra in steps:
-                run_stage(run, stage, extra + flags, run + ".log")
-        return (seed, name), run
-
-    os.makedirs(out_dir, exist_ok=True)
-    results = {}
-    for wave in ([r for r in REMEDIES if r[0] not in REMEDY_SOURCE], [r for r in REMEDIES if r[0] in REMEDY_SOURCE]):
-        with ThreadPoolExecutor(jobs) as pool:
-            results.update(pool.map(lambda job: one(*job), [(seed, n, st) for seed in seeds for n, st in wave]))
-    return results, bases
-
-
-def remedy_rows(results, bases):
-    return [remedy_row(seed, name, load_summary(run))
-            for (seed, name), run in sorted(results.items()) + [((seed, "default"), b) for seed, b in bases.items()]]
-
-
-def remedies_table(rows):
-    fmt2 = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = ["| seed | run | gold score | RM score | KL (nats) | win rate over SFT [95%] | helpful / harmless / honest "
-             "| wrong values SFT→PPO | RM vs gold, PPO's helpful pairs | PPO seconds |", "|---" * 10 + "|"]
-    order = ["default", "crowd pairs only", "no refresh", "human as the reward"] + [n for n, _ in REMEDIES if n.startswith("hacking")]
-    for r in sorted(rows, key=lambda r: (r["seed"], order.index(r["name"]))):
-        lines.append(f"| {r['seed']} | {r['name']} | {r['gold']:+.3f} | {r['rm']:+.3f} | {r['kl']:.2f} | {r['win']:.3f} "
-                     f"[{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['helpful']:.2f} / {r['harmless']:.2f} / {r['honest']:.2f} "
-                     f"| {r['wv_sft']:.3f}→{r['wv_ppo']:.3f} | {fmt2(r['own_helpful'])} | {r['ppo_s']:.0f} |")
+def cost_table(run):
+    """The wall time of each stage of a stored run, and inside PPO."""
+    s = stored(run)
+    lines = [f"| `{run}` | seconds |", "|---|---|"]
+    lines += [f"| {k} | {s[k]['wall_s']:.1f} |" for k in ("sft", "rm", "judge", "ppo", "eval") if "wall_s" in s.get(k, {})]
+    lines += [f"| ppo: {k} | {v:.1f} |" for k, v in s.get("ppo", {}).get("time_s", {}).items()]
     return "\n".join(lines)
 
 
@@ -720,22 +980,15 @@ def plot_costs(run, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s = load_summary(run)
-    stages = {k: s[k]["wall_s"] for k in ("sft", "rm", "judge", "ppo", "eval") if k in s and "wall_s" in s[k]}
+    stages = {k: s[k]["wall_s"] for k in ("sft", "rm", "judge", "ppo", "eval") if "wall_s" in s.get(k, {})}
     ppo = s.get("ppo", {}).get("time_s", {})
-    print("| stage | seconds |\n|---|---|")
-    for k, v in stages.items():
-        print(f"| {k} | {v:.1f} |")
-    for k, v in ppo.items():
-        print(f"| ppo: {k} | {v:.1f} |")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     axes[0].barh(list(stages), list(stages.values()), color="tab:blue")
     axes[0].set(title="wall time per stage", xlabel="seconds")
-    axes[0].invert_yaxis()
-    if ppo:
-        axes[1].barh(list(ppo), list(ppo.values()), color="tab:orange")
-        axes[1].invert_yaxis()
+    axes[1].barh(list(ppo), list(ppo.values()), color="tab:orange")
     axes[1].set(title=f"inside PPO ({s['ppo']['config']['ppo_steps']} steps)", xlabel="seconds")
     for a in axes:
+        a.invert_yaxis()
         a.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -783,7 +1036,7 @@ def probe_rm(run, n=60, model="rm"):
     accuracy cannot: whether the reward model checks the value of a helpful answer, or only its form.
     Saves run/probe.json (for the docs) and returns its rows."""
     import torch
-    from rlhf import Config, load_data, load_scalar_model, load_tokenizer, pad_right, rm_scores, tokenize
+    from rlhf import Config, load_data, load_scalar_model, load_tokenizer, pad, rm_scores, tokenize
     cfg = Config(out_dir=run)
     tok, rm = load_tokenizer(os.path.join(run, "tokenizer")), load_scalar_model(os.path.join(run, model), torch.device("cpu"))
     held = [p for p in load_data(cfg)["prompts"] if p["split"] == "heldout"]
@@ -792,8 +1045,8 @@ def probe_rm(run, n=60, model="rm"):
         prompts = [p for p in held if p["family"] == family][:n]
         scores = {}
         for name, make in answers.items():
-            ex = tokenize(tok, [dict(prompt=p["prompt"], response=make(p)) for p in prompts], cfg)[0]
-            ids, mask = pad_right([r["prompt"] + r["response"] for r in ex], tok.pad_token_id)
+            ex = tokenize(tok, [dict(prompt=p["prompt"], response=make(p)) for p in prompts], cfg)
+            ids, mask = pad([r["prompt"] + r["response"] for r in ex], tok.pad_token_id, left=False)
             with torch.no_grad():
                 scores[name] = rm_scores(rm, ids, mask, torch.ones(len(ids), dtype=torch.bool), cfg).tolist()
         right = scores[next(iter(answers))]
@@ -818,241 +1071,9 @@ def probe_table(run):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# Figures in the docs: every measured number in README.md and tutorial.md comes from a named run, whose
-# summary.json (with its ppo_metrics.jsonl and printed log) `collect` copies into assets/runs/NAME/. In the
-# docs, a number is written inside a span that names its source, and a table inside a block:
-#   <!--f seed_0 eval.win_rate_gold.rate .3f-->0.653<!--/f-->            one run's figure
-#   <!--f seeds eval.win_rate_gold.rate range .2f-->0.61–0.69<!--/f-->  over a group of runs: median, min, max, range
-#   <!--table seeds-->...<!--/table-->                                  a table (TABLES below), from the same files
-# `python course.py docs` rewrites every span and block from the files; a test fails when a doc differs.
-
-RUNS = os.path.join(HERE, "assets", "runs")
-GROUPS = {"seeds": [f"seed_{i}" for i in range(5)], "runs6": [f"seed_{i}" for i in range(5)] + ["seed0_1thread"],
-          "thread1": ["seed0_1thread"] + [f"seed_{i}" for i in range(1, 5)],  # seeds 0-4, one thread
-          "previous": [f"rem_seed_{i}_default" for i in range(5)],  # the same, run by the previous release
-          "ppo64": [f"ppo64_seed_{i}" for i in range(5)],  # the same, this sampler, PPO's previous batch (64 x 4)
-          "sft800": ["sft800_seed0_1thread"] + [f"sft800_seed_{i}" for i in range(1, 5)],  # the same, 800 SFT steps
-          "sft800_here": ["sft800_here_seed0_1thread"] + [f"sft800_here_seed_{i}" for i in range(1, 5)],  # ... on today's machine
-          "human": [f"hr_seed_{i}" for i in range(5)],  # thread1's runs with PPO on the human's own score (--reward human)
-          "human90": [f"hr90_seed_{i}" for i in range(5)]}  # ... and 90 PPO steps
-SPAN = re.compile(r"<!--f ([^>]*?)-->(.*?)<!--/f-->", re.S)
-BLOCK = re.compile(r"<!--table ([^>]*?)-->\n(.*?)<!--/table-->", re.S)
-PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")  # a progress bar's line (tqdm), or the blank that clears it
-
-
-def collect(runs, names=None):
-    """Copy the figures of finished runs into assets/runs/NAME/ (NAME: the run folder's name, or `names`)."""
-    for i, run in enumerate(runs):
-        name = names[i] if names else os.path.basename(os.path.abspath(run))
-        dest = os.path.join(RUNS, name)
-        os.makedirs(dest, exist_ok=True)
-        with open(os.path.join(dest, "summary.json"), "w") as f:
-            json.dump(load_summary(run), f, indent=1)
-        for extra in ("ppo_metrics.jsonl", "probe.json"):
-            if os.path.exists(os.path.join(run, extra)):
-                shutil.copy(os.path.join(run, extra), dest)
-        if os.path.exists(os.path.join(run, "run.log")):  # the printed output, without the progress bars
-            with open(os.path.join(run, "run.log"), encoding="utf-8", errors="replace") as f:
-                lines = [line for line in f if not PROGRESS.search(line)]
-            with open(os.path.join(dest, "run.log"), "w", encoding="utf-8") as f:
-                f.writelines(lines)
-        print(f"{run} -> {dest}")
-
-
-def stored(name):
-    path = os.path.join(RUNS, name, "summary.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"course.py: error: no stored run {name!r} ({path}); `python course.py collect RUN` first")
-    with open(path) as f:
-        return json.load(f)
-
-
-def value(summary, path):
-    """summary['eval']['win_rate_gold']['rate'] for the path 'eval.win_rate_gold.rate' (a key with a space, like
-    'wrong value', is written with _ : 'eval.ppo.kinds_helpful.wrong_value')."""
-    v = summary
-    for key in path.split("."):
-        v = v[int(key)] if isinstance(v, list) else v[key] if key in v else v[key.replace("_", " ")]
-    return v
-
-
-def fmt(v, spec):
-    return f"{v:{spec}}".replace("-", "−") if spec.startswith("+") else f"{v:{spec}}"
-
-
-def figure(spec):
-    """The text of one span: 'RUN PATH FORMAT' or 'GROUP PATH median|min|max|range FORMAT'."""
-    parts = spec.split()
-    if parts[0] == "course":  # a count of this file's own: the exercises, their classic wrong solutions
-        return str({"exercises": len(EXERCISES), "wrong": sum(map(len, WRONG.values()))}[parts[1]])
-    if parts[0] in GROUPS:
-        group, path, agg, f = parts
-        import statistics
-        xs = [value(stored(r), path) for r in GROUPS[group]]
-        if agg == "range":
-            return f"{fmt(min(xs), f)}–{fmt(max(xs), f)}"
-        return fmt(dict(median=statistics.median, min=min, max=max)[agg](xs), f)
-    run, path, f = parts
-    return fmt(value(stored(run), path), f)
-
-
-def render_docs(text):
-    """`text` with every span and table block written anew from the stored runs."""
-    text = SPAN.sub(lambda m: f"<!--f {m.group(1)}-->{figure(m.group(1))}<!--/f-->", text)
-    return BLOCK.sub(lambda m: f"<!--table {m.group(1)}-->\n{table(m.group(1))}\n<!--/table-->", text)
-
-
-def table(spec):
-    name, *args = spec.split()
-    if name not in TABLES:
-        raise SystemExit(f"course.py: error: no table {name!r}; tables: {', '.join(TABLES)}")
-    return TABLES[name](*args).rstrip("\n")
-
-
-def eval_md(run):
-    """A run's eval.md, from its summary."""
-    import rlhf
-    return rlhf.eval_table(stored(run)["eval"])
-
-
-def log_lines(run, start, count):
-    """`count` lines of a run's printed log, from the first that starts with `start` (a quote of the output)."""
-    with open(os.path.join(RUNS, run, "run.log"), encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if not PROGRESS.search(line)]
-    start = start.replace("_", " ")
-    i = next((i for i, line in enumerate(lines) if line.startswith(start)), None)
-    if i is None:
-        raise SystemExit(f"course.py: error: the log of {run} has no line starting with {start!r}")
-    return "```text\n" + "\n".join(lines[i:i + int(count)]) + "\n```"
-
-
-def ppo_rows(run):
-    with open(os.path.join(RUNS, run, "ppo_metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def ppo_steps_table(run, *steps):
-    """Some rows of a run's ppo_metrics.jsonl."""
-    rows = {r["step"]: r for r in ppo_rows(run)}
-    lines = ["| step | RM score | gold score | KL (nats) | β | entropy | clipfrac | value_ev |", "|---|---|---|---|---|---|---|---|"]
-    for k in map(int, steps):
-        r = rows[k]
-        lines.append(f"| {k} | {r['rm_score']:.3f} | {r['gold']:.3f} | {r['kl']:.2f} | {r['kl_coef']:.3f} | {r['entropy']:.3f} "
-                     f"| {r['clipfrac']:.3f} | {r['value_ev']:.2f} |")
-    return "\n".join(lines)
-
-
-def block_means(run, key, size=10):
-    rows = ppo_rows(run)
-    return [sum(r[key] for r in rows[i:i + size]) / len(rows[i:i + size]) for i in range(0, len(rows), size)]
-
-
-def ppo_blocks_table(group, size="10"):
-    """Means of the RM score and the gold score over blocks of PPO steps, for each run of a group."""
-    size = int(size)
-    n = len(ppo_rows(GROUPS[group][0]))
-    head = "| run | | " + " | ".join(f"steps {i + 1}–{min(n, i + size)}" for i in range(0, n, size)) + " |"
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
-    for run in GROUPS[group]:
-        for key, name in (("rm_score", "RM score"), ("gold", "gold score")):
-            lines.append(f"| {run} | {name} | " + " | ".join(f"{v:+.2f}" for v in block_means(run, key, size)) + " |")
-    return "\n".join(lines)
-
-
-def options_table():
-    """Every flag of rlhf.py with its default and help, from its Config."""
-    import dataclasses
-    import rlhf
-    lines = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(rlhf.Config):
-        flag = f"`--{f.name}` / `--no-{f.name}`" if f.type is bool else f"`--{f.name}`"
-        default = repr(f.default) if f.default == "" else str(f.default)
-        lines.append(f"| {flag} | `{default}` | {f.metadata['help'].replace('|', chr(92) + '|')} |")
-    return "\n".join(lines)
-
-
-def slug(name):
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def remedy_row(seed, name, s):
-    e, p = s["eval"], s["ppo"]
-    return dict(seed=seed, name=name, win=e["win_rate_gold"]["rate"], ci=e["win_rate_gold"]["ci"], gold=e["ppo"]["gold"],
-                rm=e["ppo"]["rm"], sft_rm=e["sft"]["rm"], sft_gold=e["sft"]["gold"], kl=e["ppo"]["kl"],
-                wv_sft=e["sft"]["kinds_helpful"]["wrong value"], wv_ppo=e["ppo"]["kinds_helpful"]["wrong value"],
-                own_helpful=e["ppo"].get("rm_own_helpful"), ppo_s=p["wall_s"], refreshes=p.get("refreshes", []),
-                **{f: e["ppo"][f"success_{f}"] for f in FAMS})
-
-
-def stored_remedies(seeds, names):
-    """The default run each remedy was copied from (stored as rem_seed_N_default) and the remedy runs
-    (rem_seed_N_<name>) as rows."""
-    rows = []
-    for seed in map(int, seeds):
-        rows.append(remedy_row(seed, "default", stored(f"rem_seed_{seed}_default")))  # the run the remedies copied
-        rows += [remedy_row(seed, n, stored(f"rem_seed_{seed}_{slug(n)}")) for n in names]
-    return rows
-
-
-def versus_table(*runs):
-    """Stored runs in pairs, a default run and a copy of it with PPO run again without refreshes or on the human's
-    own score (--reward human): `versus A0 B0 A1 B1 ...`, as rows of the remedies table."""
-    rows = []
-    for default, other in zip(runs[::2], runs[1::2]):
-        seed, s = stored(default)["data"]["config"]["seed"], stored(other)
-        name = "human as the reward" if s["ppo"]["config"].get("reward") == "human" else "no refresh"
-        rows += [remedy_row(seed, "default", stored(default)), remedy_row(seed, name, s)]
-    return remedies_table(rows)
-
-
-def remedies_stored_table(which, *seeds):
-    names = {"rankings": ["crowd pairs only"], "refresh": ["no refresh"],
-             "hacking": [n for n, _ in REMEDIES if n.startswith("hacking")]}[which]
-    rows = stored_remedies(seeds or range(5), names)
-    return remedies_table([r for r in rows if r["name"] in names or which != "hacking" and r["name"] == "default"])
-
-
-def front_rows(seeds):
-    """The frontier's rows from the stored runs front_seed_N_<setting> (front_seed_N_ppo: the default run the
-    others were copied from, PPO at β 0.3)."""
-    out = []
-    for seed in map(int, seeds):
-        results = [(seed, m, st, ex, None) for m, st, ex in FRONTIER]
-        for i, (seed_, method, stage, extra, _) in enumerate(results):
-            name = f"front_seed_{seed}_{frontier_slug(stage or 'ppo', extra)}"
-            results[i] = (seed_, method, stage, extra, os.path.join(RUNS, name))
-        out += frontier_rows(results)
-    return out
-
-
-def frontier_slug(stage, extra):
-    return (stage + "".join(extra)).replace("--kl_coef", "_b").replace("--dpo_beta", "_b").replace("--", "_").replace(".", "p")
-
-
-def frontier_stored_table(*seeds):
-    return frontier_table(front_rows(seeds or (0, 1, 2)))
-
-
-def bon_stored_table(seed):
-    import rlhf
-    return rlhf.bon_table(stored(f"front_seed_{seed}_bon")["bon"]["rows"])
-
-
-def cost_table(run):
-    """The wall time of each stage of a stored run, and inside PPO."""
-    s = stored(run)
-    lines = [f"| `{run}` | seconds |", "|---|---|"]
-    lines += [f"| {k} | {s[k]['wall_s']:.1f} |" for k in ("sft", "rm", "judge", "ppo", "eval") if k in s and "wall_s" in s[k]]
-    lines += [f"| ppo: {k} | {v:.1f} |" for k, v in s.get("ppo", {}).get("time_s", {}).items()]
-    return "\n".join(lines)
-
-
-TABLES = {"eval": eval_md, "log": log_lines, "probe": probe_table, "ppo_steps": ppo_steps_table, "options": options_table,
-          "cost": cost_table, "sweep": lambda *runs: sweep_table(sweep_rows([(r, stored(r)) for r in runs])),
-          "remedies": remedies_stored_table, "frontier": frontier_stored_table, "bon": bon_stored_table,
-          "ppo_blocks": ppo_blocks_table, "versus": versus_table,
-          "seeds": lambda group="runs6": seeds_table([seed_row(r, stored(r)) for r in GROUPS[group]])}
+TABLES = {"eval": eval_md, "log": log_lines, "probe": probe_table, "ppo_steps": ppo_steps_table, "cost": cost_table,
+          "ppo_blocks": ppo_blocks_table, "seeds": seeds_table, "front": front_table, "noise": noise_table, "versus": versus_table,
+          "hacking": hacking_table, "sweep": sweep_table, "frontier": frontier_table, "bon": bon_stored_table}
 
 
 def docs(write=True):
@@ -1080,34 +1101,35 @@ def build_parser():
                          help="blank only these exercises (default: all)")
     sub.add_parser("check", help="check that each exercise's grading test fails without it, and on its classic "
                                  "wrong solutions, and passes with it")
-    sweep = sub.add_parser("plot_sweep", help="gold and RM score against KL, from finished runs")
-    sweep.add_argument("runs", nargs="+", help="run folders with a summary.json holding an eval")
-    sweep.add_argument("--out", default="kl_sweep.png")
-    seeds = sub.add_parser("seeds", help="the default run over several seeds, and the plot of their spread")
-    seeds.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    seeds.add_argument("--out_dir", default="runs/seeds", help="one folder per seed in here; finished seeds are kept")
-    seeds.add_argument("--jobs", type=int, default=1, help="seeds run at a time (each gets cores / jobs threads)")
-    seeds.add_argument("--plot", default="seeds.png")
-    seeds.add_argument("--runs", nargs="*", default=[], help="more finished run folders to put in the table and plot")
-    seeds.add_argument("flags", nargs=argparse.REMAINDER, help="after --: flags for rlhf.py (e.g. -- --threads 1)")
+    for name, help in (("seeds", "the default run (rlhf.py) on seeds, and a copy of each with lab.py's judge and "
+                                 "evaluation"),
+                       ("remedies", "chapter 12: the remedies for reward hacking, on copies of the seeds' runs"),
+                       ("frontier", "chapter 13: best-of-n, DPO, RLOO, GRPO and PPO at several β, on copies")):
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2] if name == "frontier" else [0, 1, 2, 3, 4])
+        c.add_argument("--out_dir", default=f"runs/{name}")
+        if name != "seeds":
+            c.add_argument("--base", default="runs/seeds", help="the seeds' runs (made there if missing)")
+        if name == "remedies":
+            c.add_argument("--names", nargs="+", choices=[n for n, _, _ in REMEDIES],
+                           help="these remedies on every seed asked for (default: each on its own seeds)")
+        c.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
+        c.add_argument("flags", nargs=argparse.REMAINDER, help="after --: flags for every rlhf.py and lab.py run")
+    red = sub.add_parser("redraws", help="chapter 8: one run's evaluation drawn again with other seeds")
+    red.add_argument("run", nargs="?", default="runs/seeds/lab_seed_0")
+    red.add_argument("--out_dir", default="runs/redraws")
+    red.add_argument("--seeds", nargs="+", type=int, default=list(range(101, 109)))
+    for name, help in (("plot_seeds", "each figure per stored run with its interval (GROUP: e.g. runs6)"),
+                       ("plot_sweep", "gold and RM score against KL, stored runs at several β"),
+                       ("plot_frontier", "chapter 13's plot, from the stored frontier runs of SEEDS")):
+        c = sub.add_parser(name, help=help)
+        c.add_argument("names", nargs="+")
+        c.add_argument("--out", default=f"{name[5:]}.png")
     costs = sub.add_parser("plot_costs", help="time per stage and inside PPO, from a finished run")
     costs.add_argument("run", help="a run folder with a summary.json")
     costs.add_argument("--out", default="compute_cost.png")
     probe = sub.add_parser("probe_rm", help="the reward model's mean score of fixed answers on held-out prompts")
     probe.add_argument("run", help="a run folder with a trained reward model (rm/)")
-    rem = sub.add_parser("remedies", help="the article's remedies for reward hacking on seeds: refreshed and ensembled reward models")
-    rem.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    rem.add_argument("--out_dir", default="runs/remedies")
-    rem.add_argument("--base", default="runs/seeds", help="the seeds' default runs (seed_N in here; made if missing)")
-    rem.add_argument("--jobs", type=int, default=1)
-    rem.add_argument("flags", nargs=argparse.REMAINDER, help="after --: flags for every rlhf.py run")
-    front = sub.add_parser("frontier", help="best-of-n, DPO, RLOO, GRPO and PPO at several β on seeds: the frontier plot and table")
-    front.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    front.add_argument("--out_dir", default="runs/frontier")
-    front.add_argument("--base", default="runs/seeds", help="the seeds' default runs (seed_N in here; made if missing)")
-    front.add_argument("--jobs", type=int, default=1)
-    front.add_argument("--plot", default="frontier.png")
-    front.add_argument("flags", nargs=argparse.REMAINDER, help="after --: flags for every rlhf.py run")
     col = sub.add_parser("collect", help="copy finished runs' summary.json (and logs) into assets/runs/ for the docs")
     col.add_argument("runs", nargs="+")
     col.add_argument("--names", nargs="+", help="the names to store them under (default: the folders' names)")
@@ -1118,6 +1140,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    flags = [f for f in getattr(args, "flags", []) if f != "--"]
     if args.command == "student":
         if os.path.abspath(args.out).startswith(HERE + os.sep):
             raise SystemExit(f"course.py: error: {args.out} is inside this repository, where pytest would collect its "
@@ -1133,42 +1156,31 @@ def main(argv=None):
               f"fails without its exercise and on each of {n_wrong} classic wrong solutions, naming the exercise, "
               f"and passes with it")
         sys.exit(1 if problems else 0)
-    elif args.command == "plot_sweep":
-        plot_sweep(args.runs, args.out)
     elif args.command == "seeds":
-        flags = [f for f in args.flags if f != "--"]
-        runs = run_seeds(args.seeds, args.out_dir, flags, args.jobs) + args.runs
-        rows = [seed_row(os.path.basename(r.rstrip("/")), load_summary(r)) for r in runs]
-        print(seeds_table(rows))
-        plot_seeds(rows, args.plot)
+        run_seeds(args.seeds, args.out_dir, flags, args.jobs)
+    elif args.command == "remedies":
+        run_remedies(args.seeds, args.out_dir, args.base, flags, args.jobs, args.names)
+    elif args.command == "frontier":
+        run_frontier(args.seeds, args.out_dir, args.base, flags, args.jobs)
+    elif args.command == "redraws":
+        run_redraws(args.run, args.out_dir, args.seeds)
+    elif args.command == "plot_seeds":
+        plot_seeds([seed_row(r, stored(r)) for name in args.names for r in runs_of(name)], args.out)
+    elif args.command == "plot_sweep":
+        plot_sweep(args.names, args.out)
+    elif args.command == "plot_frontier":
+        plot_frontier(frontier_rows(args.names), args.out)
     elif args.command == "plot_costs":
         plot_costs(args.run, args.out)
     elif args.command == "probe_rm":
         probe_rm(args.run)
-    elif args.command == "remedies":
-        flags = [f for f in args.flags if f != "--"]
-        results, bases = run_remedies(args.seeds, args.out_dir, args.base, flags, args.jobs)
-        for run in list(bases.values()) + [r for (_, name), r in results.items() if name == "crowd pairs only"]:
-            probe_rm(run)  # what each reward model thinks of fixed answers (run/probe.json)
-        rows = remedy_rows(results, bases)
-        print(remedies_table(rows))
-        with open(os.path.join(args.out_dir, "remedies.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-    elif args.command == "frontier":
-        flags = [f for f in args.flags if f != "--"]
-        rows = frontier_rows(run_frontier(args.seeds, args.out_dir, args.base, flags, args.jobs))
-        print(frontier_table(rows))
-        with open(os.path.join(args.out_dir, "frontier.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        plot_frontier(rows, args.plot)
     elif args.command == "collect":
         collect(args.runs, args.names)
     elif args.command == "docs":
         changed = docs()
         print(f"rewrote {', '.join(changed)}" if changed else "README.md and tutorial.md already match assets/runs/")
     elif args.command == "_grade":
-        results = run_grading([tuple(job) for job in json.loads(args.jobs)])
-        print(json.dumps(results))
+        print(json.dumps(run_grading([tuple(job) for job in json.loads(args.jobs)])))
 
 
 if __name__ == "__main__":
