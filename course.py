@@ -705,12 +705,13 @@ def seed_row(name, s):
 
 
 def front_table(group="thread1"):
-    """The README's table: the win rate, each family's success SFT → PPO, the helpful answers with a wrong value."""
-    lines = ["| run | win rate over SFT [95%] | helpful success | harmless success | honest success | wrong values, "
-             "PPO − SFT [95%] |", "|---|---|---|---|---|---|"]
+    """The README's table: the win rate, each family's success PPO − SFT, the helpful answers with a wrong value
+    PPO − SFT, each with its interval."""
+    lines = ["| run | win rate over SFT | success PPO − SFT: helpful | harmless | honest | wrong values PPO − SFT |",
+             "|---|---|---|---|---|---|"]
     for r in [seed_row(r, stored(r)) for r in runs_of(group)]:
         lines.append(f"| {r['run']} | {ci(r['win'], '.3f')} | " + " | ".join(
-            f"{r[f][0]['mean']:.2f} → {r[f][1]['mean']:.2f}" for f in FAMS) + f" | {ci(r['wv'][2], '+.3f')} |")
+            ci(r[f][2], "+.2f") for f in FAMS) + f" | {ci(r['wv'][2], '+.3f')} |")
     return "\n".join(lines)
 
 
@@ -816,12 +817,12 @@ def remedy_row(seed, name, s):
 
 
 def remedies_table(rows):
-    lines = ["| seed | run | win rate over SFT [95%] | gold | RM score | KL (nats) | helpful / harmless / honest | "
-             "wrong values SFT → PPO, difference [95%] | RM vs gold, PPO's helpful pairs [95%] | PPO s |",
+    lines = ["| seed | run | win rate over SFT [95%] | gold [95%] | RM score [95%] | KL (nats) | helpful / harmless / "
+             "honest | wrong values SFT → PPO, difference [95%] | RM vs gold, PPO's helpful pairs [95%] | PPO s |",
              "|---" * 10 + "|"]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['name']} | {ci(r['win'], '.3f')} | {fmt(r['gold']['mean'], '+.3f')} | "
-                     f"{fmt(r['rm']['mean'], '+.3f')} | {r['kl']['mean']:.2f} | "
+        lines.append(f"| {r['seed']} | {r['name']} | {ci(r['win'], '.3f')} | {ci(r['gold'], '+.2f')} | "
+                     f"{ci(r['rm'], '+.2f')} | {r['kl']['mean']:.2f} | "
                      + " / ".join(f"{r[f]['mean']:.2f}" for f in FAMS) +
                      f" | {r['wv_sft']['mean']:.3f} → {r['wv_ppo']['mean']:.3f}, {ci(r['wv'], '+.3f')} | "
                      f"{ci(r['own'])} | {r['ppo_s']:.0f} |")
@@ -852,14 +853,17 @@ def sweep_rows(names):
         c, e = s["ppo"]["config"], s["eval"]
         rows.append(dict(run=run, beta=f"β {c['kl_coef']:g}", kl=e["ppo"]["kl"]["mean"], gold=e["ppo"]["gold"]["mean"],
                          rm=e["ppo"]["rm"]["mean"], judge=e["ppo"]["judge"]["mean"], win=e["win_rate_gold"],
+                         cis={k: e["ppo"][k] for k in ("gold", "rm", "judge")},
                          sft=(e["sft"]["gold"]["mean"], e["sft"]["rm"]["mean"], e["sft"]["judge"]["mean"])))
     return sorted(rows, key=lambda r: r["kl"])
 
 
 def sweep_table(*runs):
-    lines = ["| run | β | KL (nats) | gold | RM score | judge score | win rate over SFT [95%] |", "|---" * 7 + "|"]
-    lines += [f"| {r['run']} | {r['beta']} | {r['kl']:.2f} | {fmt(r['gold'], '+.3f')} | {fmt(r['rm'], '+.3f')} | "
-              f"{fmt(r['judge'], '+.3f')} | {ci(r['win'], '.3f')} |" for r in sweep_rows(runs)]
+    lines = ["| run | β | KL (nats) | gold [95%] | RM score [95%] | judge score [95%] | win rate over SFT [95%] |",
+             "|---" * 7 + "|"]
+    lines += [f"| {r['run']} | {r['beta']} | {r['kl']:.2f} | " + " | ".join(ci(r["cis"][k], "+.2f") for k in
+                                                                          ("gold", "rm", "judge")) +
+              f" | {ci(r['win'], '.3f')} |" for r in sweep_rows(runs)]
     return "\n".join(lines)
 
 
@@ -900,14 +904,15 @@ def frontier_rows(seeds):
                 "β 0.3" if method == "PPO" else "")
             if stage == "bon":
                 for r in s["bon"]["rows"]:
-                    rows.append(dict(seed=seed, method=method, setting=f"n {r['n']}", kl=r["kl"], gold=r["gold"],
-                                     win=r["win_rate_gold"], seconds=s["bon"]["wall_s"],
-                                     **{f: r[f"success_{f}"] for f in FAMS}))
+                    rows.append(dict(seed=seed, method=method, setting=f"n {r['n']}", kl=r["kl"]["mean"],
+                                     gold=r["gold"]["mean"], gold_ci=r["gold"], win=r["win_rate_gold"],
+                                     seconds=s["bon"]["wall_s"], **{f: r[f"success_{f}"]["mean"] for f in FAMS}))
                 continue
             e = s["eval"] if stage in (None, "ppo") else s[stage]
             pol = e["policy"]
             rows.append(dict(seed=seed, method=method, setting=setting, kl=e[pol]["kl"]["mean"],
-                             gold=e[pol]["gold"]["mean"], win=e["win_rate_gold"], sft_gold=e["sft"]["gold"]["mean"],
+                             gold=e[pol]["gold"]["mean"], gold_ci=e[pol]["gold"], win=e["win_rate_gold"],
+                             sft_gold=e["sft"]["gold"]["mean"],
                              seconds=s["ppo"]["wall_s"] if stage in (None, "ppo") else e["train_s"],
                              **{f: e[pol][f]["success"]["mean"] for f in FAMS}))
     return rows
@@ -924,10 +929,10 @@ def at_matched_kl(rows, target=1.0):
 
 
 def frontier_table(*seeds):
-    lines = ["| seed | method | setting | KL (nats) | gold score | win rate over SFT [95%] | helpful | harmless | "
+    lines = ["| seed | method | setting | KL (nats) | gold score [95%] | win rate over SFT [95%] | helpful | harmless | "
              "honest | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in at_matched_kl(frontier_rows(seeds or (0, 1, 2))):
-        lines.append(f"| {r['seed']} | {r['method']} | {r['setting']} | {r['kl']:.2f} | {fmt(r['gold'], '+.3f')} | "
+        lines.append(f"| {r['seed']} | {r['method']} | {r['setting']} | {r['kl']:.2f} | {ci(r['gold_ci'], '+.2f')} | "
                      f"{ci(r['win'], '.3f')} | {r['helpful']:.2f} | {r['harmless']:.2f} | {r['honest']:.2f} | "
                      f"{r['seconds']:.0f} |")
     return "\n".join(lines)

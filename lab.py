@@ -1388,23 +1388,26 @@ def stage_bon(cfg, device):
     many = dataclasses.replace(cfg, eval_samples=cfg.bon_samples)
     by_prompt = rlhf.evaluate_policy(sft, tok, prompts, many, device, {"rm": rm}, ref=sft, seed=1000 * (cfg.seed + 1))
     gold, rows = "gold" in by_prompt[0][0], []
+
+    def figure(values):  # one value per prompt -> {'mean', 'ci'}, the interval over prompts
+        x = torch.tensor(values, dtype=torch.float64)[:, None]
+        return dict(mean=x.mean().item(), ci=rlhf.bootstrap_ci(x, cfg.seed))
+
     for n in [2 ** i for i in range(int(math.log2(cfg.bon_samples)) + 1)]:
-        def per_prompt(value):  # value(record, its prompt's records) -> best-of-n's expected value, for each prompt
-            return [best_of_n_gold([r["rm"] for r in rs], [value(r, rs) for r in rs], n) for rs in by_prompt]
+        def per_prompt(value, rows=by_prompt):  # value(record, its prompt's records) -> best-of-n's, per prompt
+            return [best_of_n_gold([r["rm"] for r in rs], [value(r, rs) for r in rs], n) for rs in rows]
         row = dict(n=n, kl_formula=math.log(n) - (n - 1) / n,
-                   kl=sum(best_of_n_kl([r["rm"] for r in rs], n)[1] for rs in by_prompt) / len(by_prompt),
-                   rm=sum(per_prompt(lambda r, rs: r["rm"])) / len(by_prompt))
+                   kl=figure([best_of_n_kl([r["rm"] for r in rs], n)[1] for rs in by_prompt]),
+                   rm=figure(per_prompt(lambda r, rs: r["rm"])))
         if gold:
-            row["gold"] = sum(per_prompt(lambda r, rs: r["gold"])) / len(by_prompt)
-            # the win rate over an SFT sample of the same prompt (ties half), with its interval over prompts
-            wins = per_prompt(lambda r, rs: sum((r["gold"] > o["gold"]) + 0.5 * (r["gold"] == o["gold"])
-                                                for o in rs) / len(rs))
-            row["win_rate_gold"] = dict(mean=sum(wins) / len(wins),
-                                        ci=rlhf.bootstrap_ci(torch.tensor(wins, dtype=torch.float64)[:, None], cfg.seed))
+            row["gold"] = figure(per_prompt(lambda r, rs: r["gold"]))
+            def beats(r, rs):  # how often r beats one of the SFT samples rs, ties half
+                return sum((r["gold"] > o["gold"]) + 0.5 * (r["gold"] == o["gold"]) for o in rs) / len(rs)
+            row["win_rate_gold"] = figure(per_prompt(beats))
             for fam in FAMILIES:
                 fam_rows = [rs for rs in by_prompt if rs[0]["family"] == fam]
-                row[f"success_{fam}"] = sum(best_of_n_gold([r["rm"] for r in rs], [float(r["success"]) for r in rs], n)
-                                            for rs in fam_rows) / max(1, len(fam_rows))
+                if fam_rows:
+                    row[f"success_{fam}"] = figure(per_prompt(lambda r, rs: float(r["success"]), fam_rows))
         rows.append(row)
     with open(os.path.join(cfg.out_dir, "bon.md"), "w", encoding="utf-8") as f:
         f.write(bon_table(rows) + "\n")
@@ -1413,18 +1416,17 @@ def stage_bon(cfg, device):
 
 
 def bon_table(rows):
-    keys = [k for k in ("kl_formula", "kl", "rm", "gold") if k in rows[0]]
+    """bon.md: for each n, the KL to SFT (the formula and the estimate), the reward model's and the human's score of
+    the reward model's best of n, and its win rate over SFT, each with its 95% interval over prompts."""
+    cell = lambda f, spec: f"{f['mean']:{spec}} [{f['ci'][0]:{spec}}, {f['ci'][1]:{spec}}]"  # noqa: E731
+    keys = [k for k in ("kl", "rm", "gold", "win_rate_gold") if k in rows[0]]
     head = "| n | KL formula log n − (n−1)/n | KL estimated | RM score |" + (
         " gold score | win rate over SFT |" if "gold" in rows[0] else "")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
-        cells = [f"{r[k]:+.3f}" if k in ("rm", "gold") else f"{r[k]:.3f}" for k in keys]
-        if "win_rate_gold" in r:
-            w = r["win_rate_gold"]
-            cells.append(f"{w['mean']:.3f} [{w['ci'][0]:.2f}, {w['ci'][1]:.2f}]")
-        lines.append(f"| {r['n']} | " + " | ".join(cells) + " |")
+        cells = [cell(r[k], "+.2f" if k in ("rm", "gold") else ".2f") for k in keys]
+        lines.append(f"| {r['n']} | {r['kl_formula']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
 
 
 # -----------------------------------------------------------------------------

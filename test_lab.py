@@ -716,7 +716,9 @@ def test_each_alternative_to_ppo_runs_and_is_evaluated_against_sft(stage, lab_ru
     s = json.loads((out / "summary.json").read_text())[stage]
     if stage == "bon":
         assert [r["n"] for r in s["rows"]] == [1, 2, 4] and (out / "bon.md").exists()
-        assert s["rows"][0]["kl"] == 0 and s["rows"][0]["win_rate_gold"]["mean"] == pytest.approx(0.5)
+        assert s["rows"][0]["kl"]["mean"] == 0 and s["rows"][0]["win_rate_gold"]["mean"] == pytest.approx(0.5)
+        for k in ("kl", "rm", "gold", "success_helpful"):  # every figure with its interval over prompts
+            assert s["rows"][-1][k]["ci"][0] <= s["rows"][-1][k]["mean"] <= s["rows"][-1][k]["ci"][1], k
     else:
         assert s["policy"] == stage and "win_rate_gold" in s and "win_rate_judge" in s
         assert (out / f"{stage}_eval.md").exists() and (out / f"{stage}_samples.md").exists()
