@@ -543,7 +543,8 @@ GROUPS = {"seeds": [f"seed_{i}" for i in range(5)],  # seed 0 with 2 threads (th
           "lab": [f"lab_seed_{i}" for i in range(5)],  # thread1's runs with lab.py's judge and evaluation
           "refresh": [f"rem_seed_{i}_refresh" for i in range(5)], "human": [f"rem_seed_{i}_human_as_the_reward"
                                                                              for i in range(5)],
-          "redraws": [f"redraw_{s}" for s in range(101, 109)]}  # lab_seed_0's evaluation drawn again
+          "redraws": [f"redraw_{s}" for s in range(101, 109)],  # lab_seed_0's evaluation drawn again
+          "grpo": [f"front_seed_{i}_grpo_b0p5" for i in range(3)]}  # GRPO at β 0.5, seeds 0-2
 SPAN = re.compile(r"<!--([fdn]) ([^>]*?)-->(.*?)<!--/\1-->", re.S)
 BLOCK = re.compile(r"<!--table ([^>]*?)-->\n(.*?)<!--/table-->", re.S)
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[|^\s+$")  # a progress bar's line (tqdm), or the blank that clears it
@@ -707,10 +708,10 @@ def seed_row(name, s):
 def front_table(group="thread1"):
     """The README's table: the win rate, each family's success PPO − SFT, the helpful answers with a wrong value
     PPO − SFT, each with its interval."""
-    lines = ["| run | win rate over SFT | success PPO − SFT: helpful | harmless | honest | wrong values PPO − SFT |",
+    lines = ["| seed | win rate over SFT | success PPO − SFT: helpful | harmless | honest | wrong values PPO − SFT |",
              "|---|---|---|---|---|---|"]
     for r in [seed_row(r, stored(r)) for r in runs_of(group)]:
-        lines.append(f"| {r['run']} | {ci(r['win'], '.3f')} | " + " | ".join(
+        lines.append(f"| {r['seed']} | {ci(r['win'], '.3f')} | " + " | ".join(
             ci(r[f][2], "+.2f") for f in FAMS) + f" | {ci(r['wv'][2], '+.3f')} |")
     return "\n".join(lines)
 

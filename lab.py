@@ -3,7 +3,7 @@ lab.py -- RLHF by experiment, on top of rlhf.py: everything rlhf.py does, with t
 
   1. the judge               a second reward model on pairs the first never saw: the stand-in for a human where there
                              is none (stage judge, part of --stage all here)
-  2. your own data           --data: preference pairs in every common format, chat templates (tutorial, chapter 13)
+  2. your own data           --data: preference pairs in every common format, chat templates (tutorial, chapter 14)
   3. reward hacking and the article's remedies: a reward model refreshed during PPO (--rm_refresh), several reward
                              models (--rm_ensemble, --rm_combine), and PPO on the human's own score (--reward human)
   4. evaluation extras       the judge's verdict, the reward model where the policy goes, the ceiling, kinds.png
@@ -1232,7 +1232,7 @@ def group_update(policy, opt, exp, kl_coef, cfg, algo):
         + β · mean_t k3(π_θ, π_ref)                    [GRPO, eq. 3]
     subtle: the loss is a mean over every token of the minibatch (DAPO's choice; TRL's "bnpo"), not GRPO's eq. 3,
     which averages each response's tokens first and then the responses: there a long response's tokens weigh less
-    than a short one's. Here responses are one short sentence, and the two differ little (tutorial, chapter 11).
+    than a short one's. Here responses are one short sentence, and the two differ little (tutorial, chapter 13).
     Returns the mean of each statistic."""
     stats, n_updates = Counter(), 0
     for _ in range(cfg.ppo_epochs):
@@ -1304,6 +1304,17 @@ def stage_grpo(cfg, device):
     return stage_group(cfg, device, "grpo")
 
 
+def response_logps(model, batch, tok, cfg, device):
+    """Σ_t log π(y_t | x, y_<t) over the response tokens (the prompt and the padding left out) of every response of
+    the comparisons `batch` (N,), and who beat whom (C,), (C,)."""
+    ex = [dict(prompt=it["prompt"], response=r) for it in batch for r in it["responses"]]
+    ids, mask, loss_mask = rlhf.sft_batch(ex, tok, device)
+    _, _, better, worse = rlhf.comparison_batch(batch, tok, device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=rlhf.position_ids(mask)).logits
+    lp = rlhf.logprobs_of(logits[:, :-1].float() / cfg.temperature, ids[:, 1:])
+    return (lp * loss_mask[:, 1:]).sum(1), better, worse
+
+
 def stage_dpo(cfg, device):
     """DPO from SFT on the reward model's own comparisons (the crowd's pairs, and the human's rankings of SFT samples
     when stage rm made them), at --dpo_beta: no reward model, no sampling. Then the evaluation against SFT.
@@ -1320,15 +1331,7 @@ def stage_dpo(cfg, device):
     items = [it for it in rlhf.comparisons(tok, rows, cfg) if it["better"]]
     held = rlhf.comparisons(tok, data["prefs_heldout"], cfg)
 
-    def logps(model, batch):
-        """Σ_t log π(y_t | x, y_<t) of every response of the batch (N,), and who beat whom (C,), (C,)."""
-        ex = [dict(prompt=it["prompt"], response=r) for it in batch for r in it["responses"]]
-        ids, mask, loss_mask = rlhf.sft_batch(ex, tok, device)
-        _, _, better, worse = rlhf.comparison_batch(batch, tok, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=rlhf.position_ids(mask)).logits
-        lp = rlhf.logprobs_of(logits[:, :-1].float() / cfg.temperature, ids[:, 1:])
-        return (lp * loss_mask[:, 1:]).sum(1), better, worse
-
+    logps = lambda model, batch: response_logps(model, batch, tok, cfg, device)  # noqa: E731
     rng, metrics = random.Random(cfg.seed), []
     lengths = [len(it["prompt"]) + max(map(len, it["responses"])) for it in items]
     batches = [b for _ in range(cfg.rm_epochs) for b in rlhf.length_grouped_batches(

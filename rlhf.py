@@ -648,7 +648,8 @@ def generate(policy, tok, prompt_ids, cfg, device):
     rows = torch.arange(len(q_ids), device=device)  # the rows still writing, in order
     ids, mask, pos, kv = q_ids, q_mask, position_ids(q_mask), DynamicCache()
     key = "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"  # (5.24 renamed)
-    for t in range(cfg.max_new_tokens):
+    steps = tqdm(range(cfg.max_new_tokens), desc="sampling", leave=False, delay=5)  # shown if it takes over 5 s
+    for t in steps:
         with autocast(device):
             logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                             **{key: kv}).logits[:, -1]  # (n, V): the logits that predict response token t
@@ -666,6 +667,7 @@ def generate(policy, tok, prompt_ids, cfg, device):
             rows, token, mask, pos = rows[keep], token[keep], mask[keep], pos[keep]
         ids, pos = token[:, None], pos[:, -1:] + 1  # (n, 1): the next step feeds the new token only
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+    steps.close()
     r_ids = r_ids[:, :t + 1]
     is_eos = (r_ids == tok.eos_token_id).long()
     # keep tokens up to and including the first <|endoftext|> [NDetails] (after it r_ids is pad already)
@@ -817,7 +819,7 @@ def rm_accuracy(rm, tok, items, device):
     """How often the reward model prefers the response the labels prefer and, on the built-in task, the one the
     noise-free gold score prefers (equal gold scores left out), overall and per family."""
     hits = []  # ((item, i, j), the reward model prefers i to j)
-    for k in range(0, len(items), 32):
+    for k in tqdm(range(0, len(items), 32), desc="RM accuracy", leave=False, delay=5):
         batch = [it for it in items[k:k + 32] if it["better"]]
         if batch:
             ids, mask, better, worse = comparison_batch(batch, tok, device)
@@ -1031,7 +1033,7 @@ def ppo_update(policy, value_head, opt, exp, cfg):
     L = L_CLIP + vf_coef · L_V   (policy and value head share the body: one loss, one backward). -> mean statistics"""
     stats, n_updates = Counter(), 0
     for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(len(exp["ids"])).split(cfg.minibatch_size):
+        for mb in tqdm(torch.randperm(len(exp["ids"])).split(cfg.minibatch_size), desc="update", leave=False, delay=5):
             ids, mask, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["r_ids"][mb], exp["r_mask"][mb]
             with autocast(ids.device):
                 logits, values = policy_forward(policy, value_head, ids, mask, exp["n_prompt"], cfg.temperature)

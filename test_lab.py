@@ -121,6 +121,7 @@ def test_downstream_and_a_rerun_forget_what_was_built_from_the_old_outputs(tmp_p
     (tmp_path / "eval.md").write_text("| an old table |")
     assert lab.require(cfg, "ppo") == str(tmp_path / "ppo")
     assert lab.forget_downstream(cfg, "ppo") == ["eval"] and not (tmp_path / "eval.md").exists()
+    assert list(rlhf.load_summary(cfg)) == [s for s in lab.STAGES if s != "eval"]  # no longer listed as current
     # rlhf.py reruns sft, which knows nothing of the judge: the judge is out of date, and says so
     summary = rlhf.load_summary(cfg)
     summary["sft"]["finished"] = 100
@@ -415,6 +416,27 @@ def fake_generate_of(tok, texts):
     return fake_generate
 
 
+def test_a_refresh_learns_the_new_rankings_and_replays_as_many_earlier_rows(monkeypatch):
+    """--rm_refresh_from rm: the new rows and as many earlier ones, drawn from all so far, so that the reward model
+    does not forget them; --rm_refresh_from sft: every row so far and the new ones."""
+    seen = []
+    monkeypatch.setattr(lab, "fit_reward_model", lambda rm, tok, train, *a, **k: seen.append(train))
+    monkeypatch.setattr(lab, "normalise", lambda *a, **k: None)
+    def fresh_rm(*a, **k):  # a stand-in reward model (load_scalar_model's): its training is faked
+        rm = torch.nn.Linear(1, 1)
+        rm.config = types.SimpleNamespace()
+        return rm
+    monkeypatch.setattr(rlhf, "load_scalar_model", fresh_rm)
+    old, new = [dict(id=i) for i in range(10)], [dict(id=100 + i) for i in range(3)]
+    for earlier, frm in ((old, "rm"), (old[:2], "rm"), (old, "sft")):
+        lab.refresh_reward_model(torch.nn.Linear(1, 1), new, earlier, None, types.SimpleNamespace(pad_token_id=0),
+                                 [], lab.LabConfig(rm_refresh_from=frm), CPU, 0)
+    assert seen[0][:3] == new and len(seen[0]) == 6 and all(r in old for r in seen[0][3:])
+    assert len({r["id"] for r in seen[0][3:]}) == 3  # drawn without replacement
+    assert sorted(r["id"] for r in seen[1]) == [0, 1, 100, 101, 102]  # fewer earlier rows than new: all of them
+    assert seen[2] == old + new
+
+
 def test_a_refresh_normalises_the_refreshed_reward_model_on_sft_samples(tmp_path, monkeypatch):
     tok = tiny_tokenizer(tmp_path)
     rm, sft = tiny_scalar_model(tok, tmp_path / "lm"), tiny_lm(tok)
@@ -578,14 +600,15 @@ def test_the_ceiling_is_the_best_answer_every_time_against_the_sft_samples(lab_r
 
     def fake_evaluate(model, tok, prompts, cfg_, device, scorers, ref, seed):  # SFT right on half the prompts, PPO never
         right = lambda i: model.name_or_path == sft_path and i % 2 == 0  # noqa: E731
-        return [[dict(prompt=p["prompt"], family=p["family"], response="r", ended=True, length=1, rm=0.0, judge=0.0,
-                      kl=0.0, gold=1.0 if right(i) else -1.0, success=right(i), kind="right" if right(i) else "wrong value")]
+        return [[dict(prompt=p["prompt"], family=p["family"], response="r", ended=True, length=1, rm=0.0,
+                      judge=0.5 if right(i) else 0.0, kl=0.0, gold=1.0 if right(i) else -1.0, success=right(i), kind="right" if right(i) else "wrong value")]
                 for i, p in enumerate(prompts)]
     monkeypatch.setattr(rlhf, "evaluate_policy", fake_evaluate)
     figures = lab.stage_eval(cfg, CPU)
     # gold 1 against SFT's own samples: a tie where SFT was right (half), a win elsewhere -> 0.75, whatever PPO did
     assert figures["ceiling"]["mean"] == pytest.approx(0.75, abs=0.03)
     assert figures["win_rate_gold"]["mean"] == pytest.approx(0.25, abs=0.03)
+    assert figures["win_rate_judge"]["mean"] == figures["win_rate_gold"]["mean"]  # a judge that orders as gold does
 
 
 def test_the_lab_evaluation_adds_the_judge_and_the_reward_model_where_each_policy_goes(lab_run):
@@ -634,6 +657,26 @@ def test_best_of_n_kl_formula_and_estimate():
         formula, estimate = lab.best_of_n_kl(distinct, n)
         assert estimate == pytest.approx(formula, abs=0.01) and estimate <= formula + 1e-9, \
             f"{ex} with no two responses alike the estimate is close to the formula and below it"
+
+
+@torch.no_grad()
+def test_dpos_log_probs_sum_the_response_tokens_only(tmp_path):
+    """log π(y|x) of each response: its tokens' log-probs (its end token included), not the prompt's nor the
+    padding's, whatever the other rows' lengths. Checked against one unpadded forward per response."""
+    tok, cfg = tiny_tokenizer(tmp_path), lab.LabConfig()
+    model = tiny_lm(tok, seed=0)
+    rows = [dict(prompt=BIKE["prompt"], chosen=" Your bike is red.", rejected=" I don't know, sorry, I really do not."),
+            dict(prompt="\n\nHuman: Hi?\n\nAssistant:", chosen=" Hi.", rejected=" Ugh.")]
+    items = rlhf.comparisons(tok, rows, cfg)
+    got, better, worse = lab.response_logps(model, items, tok, cfg, CPU)
+    want = []
+    for it in items:
+        for r in it["responses"]:
+            ids = torch.tensor([it["prompt"] + r])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            want.append(sum(lp[len(it["prompt"]) - 1 + t, tok_id] for t, tok_id in enumerate(r)).item())
+    assert got.tolist() == pytest.approx(want, abs=1e-4)
+    assert better.tolist() == [0, 2] and worse.tolist() == [1, 3]
 
 
 def test_dpo_loss_value_sign_and_implicit_rewards():
@@ -706,6 +749,26 @@ def test_group_experience_puts_rloos_kl_in_the_reward_and_leaves_grpos_out(tmp_p
         # RLOO: R = r − β·KL, minus the other sample's R; GRPO: the raw score normalised in its group
         want = lab.rloo_advantages(exp["score"] - 0.5 * kl, 2) if algo == "rloo" else lab.grpo_advantages(exp["score"], 2)
         assert torch.allclose(exp["advantages"], want[:, None] * exp["r_mask"], atol=1e-5), algo
+
+
+def test_grpos_kl_term_pulls_the_policy_even_where_every_advantage_is_zero(tmp_path):
+    """With all advantages 0 the clipped surrogate has no gradient: GRPO's β·k3 term alone moves the policy toward
+    the reference (RLOO, whose KL is in the reward, does not move)."""
+    tok = tiny_tokenizer(tmp_path)
+    cfg = lab.LabConfig(max_new_tokens=6, group_size=2, ppo_epochs=1, minibatch_size=4, ppo_lr=1e-2)
+    prompts = rlhf.encode(tok, ["Human: hi Assistant:"] * 4)
+    moved = {}
+    for algo in ("rloo", "grpo"):
+        policy, ref = tiny_lm(tok, seed=0), tiny_lm(tok, seed=1)
+        torch.manual_seed(0)
+        exp = lab.group_experience(policy, ref, tok, prompts, lambda ids, mask, ended: torch.ones(4), 0.0, cfg, CPU,
+                                   algo)  # (β 0 here: RLOO's KL in the reward would make advantages)
+        assert exp["advantages"].abs().max() == 0  # every sample of a group scores the same
+        before = [p.detach().clone() for p in policy.parameters()]
+        opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo_lr)
+        lab.group_update(policy, opt, exp, 0.5, cfg, algo)
+        moved[algo] = max((p.detach() - b).abs().max().item() for p, b in zip(policy.parameters(), before))
+    assert moved["rloo"] == 0 and moved["grpo"] > 1e-4, moved
 
 
 @pytest.mark.parametrize("stage", ["bon", "dpo", "rloo", "grpo"])
@@ -853,6 +916,9 @@ def test_two_processes_with_torchrun_match_one_process(tmp_path):
     # differences in the summed gradient become steps of up to ±lr, so weights match to lr, not to 1e-7
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["ppo"]["processes"] == 2
+    # the variant's loss trains the value head too: zero at first (explained variance exactly 0), not after a step
+    ppo = [json.loads(x) for x in (tmp_path / "two" / "ppo_metrics.jsonl").read_text().splitlines()]
+    assert ppo[0]["value_ev"] == 0 and ppo[-1]["value_ev"] != 0
 
 
 # ---------------------------------------------------------------------------- end to end

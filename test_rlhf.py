@@ -1151,6 +1151,10 @@ def test_the_evaluation_compares_ppo_with_sft(smoke_run, tmp_path):
     assert d["mean"] == pytest.approx(1 - figures["sft"]["ended"]["mean"]) and d["ci"][0] <= d["mean"] <= d["ci"][1]
     table = (out / "eval.md").read_text()
     assert "| responses that end | " in table and "[95% interval by bootstrap over prompts]" in table
+    data = rlhf.load_data(cfg)  # the held-out prompts, never the training ones
+    _, records = rlhf.compare_with_sft(cfg, CPU, tok, data, mute, "ppo", {})
+    held = [p["prompt"] for p in data["prompts"] if p["split"] == "heldout"][:cfg.eval_prompts]
+    assert [rs[0]["prompt"] for rs in records["ppo"]] == [rs[0]["prompt"] for rs in records["sft"]] == held
 
 
 # ---------------------------------------------------------------------------- end to end

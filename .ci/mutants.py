@@ -133,9 +133,10 @@ MUTANTS = [
     # rlhf.py: the evaluation
     ("eval: policy against itself", CORE, "win_rate(records[name], records[\"sft\"], \"gold\", cfg.seed)",
      "win_rate(records[name], records[name], \"gold\", cfg.seed)"),
-    ("eval: no common random numbers", CORE, "scorers, ref=sft, seed=cfg.seed + 1)\n               for who, model in",
-     "scorers, ref=sft, seed=cfg.seed + 1 + (who == \"sft\"))\n               for who, model in"),
-    ("eval: kl against itself", CORE, "scorers, ref=sft, seed=cfg.seed + 1)", "scorers, ref=model, seed=cfg.seed + 1)"),
+    ("eval: no common random numbers", CORE, "scorers, ref=sft, seed=1000 * (cfg.seed + 1))\n               for who, model in",
+     "scorers, ref=sft, seed=1000 * (cfg.seed + 1) + (who == \"sft\"))\n               for who, model in"),
+    ("eval: kl against itself", CORE, "scorers, ref=sft, seed=1000 * (cfg.seed + 1))",
+     "scorers, ref=model, seed=1000 * (cfg.seed + 1))"),
     ("eval: training prompts", CORE, "if p[\"split\"] == \"heldout\"][:cfg.eval_prompts]", "if p[\"split\"] == \"train\"][:cfg.eval_prompts]"),
     ("win rate ties count as wins", CORE, "(ra[key] > rb[key]) + 0.5 * (ra[key] == rb[key])", "(ra[key] >= rb[key]) + 0.0 * (ra[key] == rb[key])"),
     ("win rate of first samples only", CORE, "for ra in rs_a for rb in rs_b]", "for ra, rb in zip(rs_a, rs_b)]"),
@@ -236,10 +237,11 @@ def run(mutant, python):
             return name, f"not applied: the line is in {file} {source.count(old)} times, not once", 0.0
         open(path, "w", encoding="utf-8").write(source.replace(old, new) if old else source)
         t0, verdict = time.time(), "SURVIVED"
-        # course.py check (the graders against wrong solutions) is left out: it proves the graders, not the code
+        # course.py check (the graders against wrong solutions) is left out: it proves the graders, not the code; so is
+        # the line-length check: a mutant's longer line would be "caught" by it without any test of its behaviour
         for tests in (["test_rlhf.py", "test_lab.py"] if file == CORE else ["test_lab.py"]):
             out = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", tests,
-                                  "-k", "not each_exercise_grader"], cwd=tmp,
+                                  "-k", "not each_exercise_grader and not reads_top_to_bottom"], cwd=tmp,
                                  capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             caught = [line.split(" ")[1].split("::")[-1] for line in out.stdout.splitlines() if line.startswith("FAILED")]
             if out.returncode:
