@@ -19,6 +19,7 @@ GFLOP/s and its share of the fp32 matmul ceiling measured on the spot.
 """
 
 import argparse
+import json
 import statistics
 import time
 import types
@@ -83,6 +84,7 @@ def build_parser():
                    help="GPT-2's GELU in one fused kernel (rlhf.py's tiny model) or as five element-wise ones (gelu_new)")
     p.add_argument("--adam", default="fused", choices=("fused", "foreach", "for-loop"), help="Adam's implementation")
     p.add_argument("--compile", action="store_true", help="torch.compile the policy's forward in the update, as rlhf.py --compile")
+    p.add_argument("--json", help="also write the figures (the median step, GFLOP/s, the ceiling) to this file")
     p.add_argument("--algo", default="ppo", choices=("ppo", "rloo", "grpo"),
                    help="ppo: make_experience + ppo_update; rloo, grpo: group_experience + group_update, 4 samples per prompt")
     return p
@@ -163,6 +165,13 @@ def main(argv=None):
     print(f"work: {flops['total'] / 1e9:.1f} GFLOP per step (generate {flops['generate'] / 1e9:.2f}, score "
           f"{flops['score'] / 1e9:.2f}, train {flops['train'] / 1e9:.2f}) => {achieved:.1f} GFLOP/s, "
           f"{100 * achieved / ceiling:.0f}% of the {ceiling:.0f} GFLOP/s matmul ceiling measured now")
+    update = flops["train"] / med["train"] / 1e9  # the update alone: forward and backward of every minibatch, Adam
+    print(f"the update alone: {update:.1f} GFLOP/s, {100 * update / ceiling:.0f}% of the ceiling")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(args=vars(a), threads=torch.get_num_threads(), torch=torch.__version__, steps=rows,
+                           median=med, gflop={k: v / 1e9 for k, v in flops.items()}, ceiling=ceiling, gflops=achieved,
+                           share=achieved / ceiling, update_gflops=update, update_share=update / ceiling), f, indent=1)
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
     return med

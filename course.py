@@ -10,6 +10,7 @@ the docs, each written from a stored run. Learners read rlhf.py and lab.py; noth
   python course.py remedies --jobs 2 -- --threads 1  # chapter 12's experiments on copies of those runs
   python course.py frontier --jobs 2 -- --threads 1  # chapter 13: best-of-n, DPO, RLOO, GRPO and PPO
   python course.py redraws                    # chapter 8: seed 0's evaluation drawn again with 8 other seeds
+  python course.py bench --trl_python ~/.cache/trlbench/venv/bin/python   # chapter 12.4: bench.py against TRL
   python course.py collect runs/seeds/* && python course.py docs   # store the runs, write the docs' figures
 """
 
@@ -519,6 +520,58 @@ def run_redraws(run, out_dir, seeds):
     os.makedirs(out_dir, exist_ok=True)
     for s in seeds:
         copy_run(run, os.path.join(out_dir, f"redraw_{s}"), [("eval", ["--seed", str(s)])], [])
+
+
+# The work of ../shared/bench/trl/ (TRL 0.11.4's classic PPOTrainer.step) at two shapes, in the flags of bench.py
+# and of trl_ppo_bench.py: the tiny GPT-2 of that README, and GPT-2-124M's shape with a smaller batch (minutes a run)
+BENCH_SHAPES = {"tiny": ([], []), "gpt2-124m": (
+    "--n_layer 12 --n_embd 768 --n_head 12 --vocab 50257 --batch 16 --minibatch 4 --steps 4 --warmup 1".split(),
+    "--n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50257 --batch-size 16 --mini-batch-size 4 --gen-batch-size 16 "
+    "--steps 4 --warmup 1".split())}
+
+
+def run_bench(out_dir, trl_python, trl_script, pairs, threads):
+    """bench.py and TRL's step on the same work, one after the other (never at once), `pairs` times at each shape:
+    out_dir/summary.json {'bench': {shape: {'rlhf': [s], 'trl': [s], 'ratio': [TRL / rlhf.py], ...}}}."""
+    os.makedirs(out_dir, exist_ok=True)
+    out = dict(threads=threads, cpu=subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
+    for shape, (ours, theirs) in BENCH_SHAPES.items():
+        got = {k: [] for k in ("rlhf", "trl", "ratio", "gflops", "share", "update_share", "ceiling", "trl_gflops")}
+        for i in range(pairs):
+            for who, cmd in (("rlhf", [sys.executable, os.path.join(HERE, "bench.py")] + ours),
+                             ("trl", [trl_python, trl_script] + theirs)):
+                path = os.path.join(out_dir, f"{shape}_{who}_{i + 1}.json")
+                with open(path[:-5] + ".log", "w") as log:
+                    print(f"{shape} {who} {i + 1} ...", flush=True)
+                    subprocess.run(cmd + ["--threads", str(threads), "--json", path], stdout=log,
+                                   stderr=subprocess.STDOUT, check=True)
+                with open(path) as f:
+                    r = json.load(f)
+                if who == "rlhf":
+                    got["rlhf"].append(r["median"]["total"])
+                    for k in ("gflops", "share", "update_share", "ceiling"):
+                        got[k].append(r[k])
+                else:
+                    got["trl"].append(r["summary"]["total"]["median"])
+                    got["trl_gflops"].append(r.get("achieved_gflops"))
+            got["ratio"].append(got["trl"][-1] / got["rlhf"][-1])
+        out[shape] = dict(got, ratio_median=statistics.median(got["ratio"]))
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(dict(bench=out), f, indent=1)
+
+
+def bench_table(run="bench"):
+    """Seconds per PPO step, TRL's and rlhf.py's, each pair run one after the other; GFLOP/s and the share of the
+    fp32 matmul ceiling measured by bench.py beside each of its runs."""
+    b = stored(run)["bench"]
+    lines = ["| shape | pair | TRL 0.11.4 (s) | rlhf.py (s) | TRL / rlhf.py | rlhf.py GFLOP/s (of the ceiling) | "
+             "its update alone, of the ceiling |", "|---|---|---|---|---|---|---|"]
+    for shape in BENCH_SHAPES:
+        r = b[shape]
+        lines += [f"| {shape} | {i + 1} | {r['trl'][i]:.2f} | {r['rlhf'][i]:.2f} | {r['ratio'][i]:.2f}× | "
+                  f"{r['gflops'][i]:.0f} ({100 * r['share'][i]:.0f}% of {r['ceiling'][i]:.0f}) | "
+                  f"{100 * r['update_share'][i]:.0f}% |" for i in range(len(r["ratio"]))]
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -1079,7 +1132,8 @@ def probe_table(run):
 
 TABLES = {"eval": eval_md, "log": log_lines, "probe": probe_table, "ppo_steps": ppo_steps_table, "cost": cost_table,
           "ppo_blocks": ppo_blocks_table, "seeds": seeds_table, "front": front_table, "noise": noise_table, "versus": versus_table,
-          "hacking": hacking_table, "sweep": sweep_table, "frontier": frontier_table, "bon": bon_stored_table}
+          "hacking": hacking_table, "sweep": sweep_table, "frontier": frontier_table, "bon": bon_stored_table,
+          "bench": bench_table}
 
 
 def docs(write=True):
@@ -1121,6 +1175,12 @@ def build_parser():
                            help="these remedies on every seed asked for (default: each on its own seeds)")
         c.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
         c.add_argument("flags", nargs=argparse.REMAINDER, help="after --: flags for every rlhf.py and lab.py run")
+    b = sub.add_parser("bench", help="chapter 12.4: bench.py and TRL's PPO step on the same work, alternating")
+    b.add_argument("--trl_python", required=True, help="the python of a venv with TRL 0.11.4 (../shared/bench/trl)")
+    b.add_argument("--trl_script", default=os.path.join(HERE, "..", "shared", "bench", "trl", "trl_ppo_bench.py"))
+    b.add_argument("--out_dir", default="runs/bench")
+    b.add_argument("--pairs", type=int, default=2)
+    b.add_argument("--threads", type=int, default=2)
     red = sub.add_parser("redraws", help="chapter 8: one run's evaluation drawn again with other seeds")
     red.add_argument("run", nargs="?", default="runs/seeds/lab_seed_0")
     red.add_argument("--out_dir", default="runs/redraws")
@@ -1168,6 +1228,8 @@ def main(argv=None):
         run_remedies(args.seeds, args.out_dir, args.base, flags, args.jobs, args.names)
     elif args.command == "frontier":
         run_frontier(args.seeds, args.out_dir, args.base, flags, args.jobs)
+    elif args.command == "bench":
+        run_bench(args.out_dir, args.trl_python, args.trl_script, args.pairs, args.threads)
     elif args.command == "redraws":
         run_redraws(args.run, args.out_dir, args.seeds)
     elif args.command == "plot_seeds":

@@ -1336,10 +1336,14 @@ def test_any_causal_lm_from_a_local_folder(model_type, bos, tmp_path, small_merg
     assert json.loads((out / "summary.json").read_text())["eval"]["n_prompts"] == 24
 
 
-def test_bench_runs_the_ppo_step_of_rlhf(capsys):
+def test_bench_runs_the_ppo_step_of_rlhf(capsys, tmp_path):
     bench = pytest.importorskip("bench")
     med = bench.main(["--steps", "2", "--warmup", "1", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-                      "--vocab", "64", "--batch", "8", "--minibatch", "4", "--response_len", "4", "--threads", "1"])
+                      "--vocab", "64", "--batch", "8", "--minibatch", "4", "--response_len", "4", "--threads", "1",
+                      "--json", str(tmp_path / "b.json")])
     assert set(med) == {"generate", "score", "train", "total"} and med["total"] >= med["train"] > 0
     out = capsys.readouterr().out
-    assert "GFLOP/s" in out and "% of the" in out and "tokens/s" in out
+    assert "GFLOP/s" in out and "% of the" in out and "tokens/s" in out and "the update alone" in out
+    got = json.loads((tmp_path / "b.json").read_text())
+    assert got["median"] == med and got["gflops"] == pytest.approx(got["gflop"]["total"] / med["total"])
+    assert got["update_share"] == pytest.approx(got["gflop"]["train"] / med["train"] / got["ceiling"])
