@@ -37,11 +37,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import regex
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+try:
+    import regex
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+except ModuleNotFoundError as e:  # one line, not a traceback
+    sys.exit(f"lab.py: error: the Python package '{e.name}' is not installed; install the requirements first: "
+             "pip install -r requirements.txt (README)")
 
 import rlhf
 from rlhf import FAMILIES, UserError, arg

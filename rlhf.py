@@ -31,10 +31,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import regex  # GPT-2's pre-tokenizer needs \p{L} / \p{N}; a dependency of transformers
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+try:
+    import regex  # GPT-2's pre-tokenizer needs \p{L} / \p{N}; a dependency of transformers
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    MISSING = None
+except ModuleNotFoundError as e:  # --help works without them (after the Config below); anything else is one line
+    MISSING = e.name
 
 STAGES = ("data", "tokenizer", "sft", "rm", "ppo", "eval")  # --stage all runs these, in this order
 FAMILIES = ("helpful", "harmless", "honest")
@@ -145,6 +149,11 @@ def check_config(cfg):
         raise UserError(f"--kl_horizon ({cfg.kl_horizon}) must be at least --rollout_batch_size with --adaptive_kl")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+
+if MISSING:  # without the packages only --help can work: the rest of this file needs them
+    build_parser().parse_args()
+    sys.exit(f"rlhf.py: error: the Python package '{MISSING}' is not installed; install the requirements first: "
+             "pip install -r requirements.txt (README)")
 
 
 # -----------------------------------------------------------------------------
@@ -648,8 +657,7 @@ def generate(policy, tok, prompt_ids, cfg, device):
     rows = torch.arange(len(q_ids), device=device)  # the rows still writing, in order
     ids, mask, pos, kv = q_ids, q_mask, position_ids(q_mask), DynamicCache()
     key = "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"  # (5.24 renamed)
-    steps = tqdm(range(cfg.max_new_tokens), desc="sampling", leave=False, delay=5)  # shown if it takes over 5 s
-    for t in steps:
+    for t in tqdm(range(cfg.max_new_tokens), desc="sampling", leave=False, delay=5):  # shown if it takes over 5 s
         with autocast(device):
             logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                             **{key: kv}).logits[:, -1]  # (n, V): the logits that predict response token t
@@ -667,7 +675,6 @@ def generate(policy, tok, prompt_ids, cfg, device):
             rows, token, mask, pos = rows[keep], token[keep], mask[keep], pos[keep]
         ids, pos = token[:, None], pos[:, -1:] + 1  # (n, 1): the next step feeds the new token only
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-    steps.close()
     r_ids = r_ids[:, :t + 1]
     is_eos = (r_ids == tok.eos_token_id).long()
     # keep tokens up to and including the first <|endoftext|> [NDetails] (after it r_ids is pad already)

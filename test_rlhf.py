@@ -108,6 +108,18 @@ def test_rlhf_py_alone_in_an_empty_folder_runs_every_stage(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["rlhf.py", "run"]
 
 
+def test_without_torch_help_still_works_and_anything_else_is_one_line(tmp_path):
+    """On a machine where the requirements are not installed yet: --help answers, a run says what to install."""
+    block = "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['rlhf.py'] + sys.argv[1:]; " \
+            f"runpy.run_path({rlhf.__file__!r}, run_name='__main__')"
+    helped = subprocess.run([sys.executable, "-c", block, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert helped.returncode == 0 and "--sft_steps" in helped.stdout, helped.stderr[-500:]
+    ran = subprocess.run([sys.executable, "-c", block, "--stage", "all"], capture_output=True, text=True, cwd=tmp_path)
+    assert ran.returncode == 1 and ran.stderr.strip().splitlines() == [
+        "rlhf.py: error: the Python package 'torch' is not installed; install the requirements first: "
+        "pip install -r requirements.txt (README)"]
+
+
 # ---------------------------------------------------------------------------- config and CLI
 
 def test_every_config_field_is_a_flag_with_help_in_both_spellings():
