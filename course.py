@@ -611,7 +611,7 @@ def collect(runs, names=None):
         os.makedirs(dest, exist_ok=True)
         with open(os.path.join(dest, "summary.json"), "w") as f:
             json.dump(load_summary(run), f, indent=1)
-        for extra in ("ppo_metrics.jsonl", "probe.json"):
+        for extra in ("ppo_metrics.jsonl", "probe.json", "memory_plans.json"):
             if os.path.exists(os.path.join(run, extra)):
                 shutil.copy(os.path.join(run, extra), dest)
         if os.path.exists(os.path.join(run, "run.log")):  # the printed output, without the progress bars
@@ -1130,10 +1130,49 @@ def probe_table(run):
     return "\n".join(lines)
 
 
+GPT2_SIZES = {"124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20)}  # layers, width, heads
+
+
+def memory_plans(run):
+    """lab.py's memory plan of SFT, the reward model and PPO for GPT-2 124M, 355M and 774M with the recipe
+    (assets/gpt2-124m.args) on a GPU, from a finished run's data and tokenizer (its sequence lengths): written to
+    RUN/memory_plans.json, for README's table beside what the run measured."""
+    import tempfile
+    import lab
+    import rlhf
+    from transformers import GPT2Config
+    rows = []
+    for name, (n_layer, n_embd, n_head) in GPT2_SIZES.items():
+        with tempfile.TemporaryDirectory() as folder:
+            GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257).save_pretrained(folder)
+            argv = ["@" + os.path.join(HERE, "assets", "gpt2-124m.args"), "--model", folder, "--out_dir", run]
+            cfg = lab.LabConfig(**vars(rlhf.build_parser(lab.LabConfig, "lab.py").parse_args(argv)))
+            tok = rlhf.load_tokenizer(os.path.join(run, "tokenizer"))
+            plan = {stage: sum(n for _, n in lab.memory_plan(cfg, stage)) for stage in ("sft", "rm", "ppo")}
+            rows.append(dict(model=name, parameters=lab.model_sizes(cfg, tok)[0], **plan))
+    with open(os.path.join(run, "memory_plans.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n".join(map(str, rows)))
+
+
+def memory_table(run):
+    """README's memory table: the plan for each size (computed), and the run's own plan and measured peak."""
+    with open(os.path.join(RUNS, run, "memory_plans.json")) as f:
+        rows = json.load(f)
+    s, gib = stored(run), lambda n: f"{n / 2 ** 30:.1f}"  # noqa: E731
+    lines = ["| GPT-2 | parameters | SFT | reward model | PPO |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']}, planned | {r['parameters'] / 1e6:.0f}M | {gib(r['sft'])} | {gib(r['rm'])} | "
+              f"{gib(r['ppo'])} |" for r in rows]
+    m = {k: s[k]["memory"] for k in ("sft", "rm", "ppo")}
+    lines.append(f"| 124M on this CPU, planned → measured | | " + " | ".join(
+        f"{gib(m[k]['plan_bytes'])} → {gib(m[k]['peak_bytes'])}" for k in ("sft", "rm", "ppo")) + " |")
+    return "\n".join(lines)
+
+
 TABLES = {"eval": eval_md, "log": log_lines, "probe": probe_table, "ppo_steps": ppo_steps_table, "cost": cost_table,
           "ppo_blocks": ppo_blocks_table, "seeds": seeds_table, "front": front_table, "noise": noise_table, "versus": versus_table,
           "hacking": hacking_table, "sweep": sweep_table, "frontier": frontier_table, "bon": bon_stored_table,
-          "bench": bench_table}
+          "bench": bench_table, "memory": memory_table}
 
 
 def docs(write=True):
@@ -1199,6 +1238,8 @@ def build_parser():
     col = sub.add_parser("collect", help="copy finished runs' summary.json (and logs) into assets/runs/ for the docs")
     col.add_argument("runs", nargs="+")
     col.add_argument("--names", nargs="+", help="the names to store them under (default: the folders' names)")
+    mem = sub.add_parser("memory", help="README's memory table: the recipe's memory plan at GPT-2 124M/355M/774M")
+    mem.add_argument("run", help="a finished run (its data and tokenizer give the sequence lengths)")
     sub.add_parser("docs", help="rewrite every figure and table of README.md and tutorial.md from assets/runs/")
     sub.add_parser("_grade").add_argument("jobs")  # used by check
     return p
@@ -1244,6 +1285,8 @@ def main(argv=None):
         probe_rm(args.run)
     elif args.command == "collect":
         collect(args.runs, args.names)
+    elif args.command == "memory":
+        memory_plans(args.run)
     elif args.command == "docs":
         changed = docs()
         print(f"rewrote {', '.join(changed)}" if changed else "README.md and tutorial.md already match assets/runs/")

@@ -26,6 +26,7 @@ et al. 2024, Theoretical Guarantees on the Best-of-n Alignment Policy; [DAPO] Yu
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import gzip
 import json
@@ -946,9 +947,15 @@ def stage_ppo(cfg, device):
         return {}
     tok.save_pretrained(os.path.join(cfg.out_dir, "ppo"))
     rlhf.write_jsonl(os.path.join(cfg.out_dir, "ppo_metrics.jsonl"), metrics)
-    rlhf.plot_ppo(os.path.join(cfg.out_dir, "overview.png"), "PPO on the training prompts" +
-                  (" (the human's own score)" if cfg.reward == "human" else ""), metrics,
-                  [(r["step"], "RM refreshed") for r in refreshes])
+    fig = rlhf.plot_ppo(os.path.join(cfg.out_dir, "overview.png"), "PPO on the training prompts" +
+                        (" (the human's own score)" if cfg.reward == "human" else ""), metrics)
+    if refreshes:  # a dashed line at each refresh, on every panel
+        for ax in fig.axes:
+            for r in refreshes:
+                ax.axvline(r["step"], color="gray", linestyle="--", linewidth=0.8)
+                ax.annotate("RM refreshed", (r["step"], 0.99), xycoords=("data", "axes fraction"), fontsize=7,
+                            ha="right", va="top", rotation=90)
+        fig.savefig(os.path.join(cfg.out_dir, "overview.png"), dpi=100)
     last = metrics[-max(1, len(metrics) // 10):]
     return dict(wall_s=round(time.time() - t_start, 1), time_s={k: round(v, 1) for k, v in times.items()},
                 final={k: sum(m[k] for m in last) / len(last) for k in last[0] if k != "step"},
@@ -1437,6 +1444,110 @@ def bon_table(rows):
 
 
 # -----------------------------------------------------------------------------
+# 6. Memory: what each stage holds, planned from the config before it runs, and the peak measured after it
+#
+# A model of P parameters in fp32 holds 4P bytes of weights; training adds 4P of gradients and 8P of Adam's two
+# moments: 16P in all [ZeRO, Rajbhandari et al. 2020, §3.1, there in mixed precision]. Activations kept for the
+# backward pass: per token and block, GPT-2 saves about 20 numbers of the width d (the block's input, two LayerNorm
+# outputs, q k v and their copies for attention, its output before and after merging the heads, the MLP's 4d input
+# and 4d GELU) [after Korthikanti et al. 2022, §4.1, there in 16 bits and without fused attention]; and the
+# (tokens × vocabulary) logits a few times over: the logits, their log-softmax, and in the backward pass the
+# gradients of both. Sampling keeps K and V of every block for every token: the KV cache. Measured against these
+# figures: tutorial chapter 14.
+
+FP32 = 4
+
+def model_sizes(cfg, tok):
+    """(parameters of the policy, of the reward model, blocks, width, vocabulary, whether the output layer is the
+    input embedding) from the config alone: the models are built on the meta device, which allocates nothing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
+    config = GPT2Config(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head) if cfg.model == "tiny" else AutoConfig.from_pretrained(cfg.model)
+    config.vocab_size = max(config.vocab_size, len(tok))  # (rlhf.new_policy makes room for <|pad|>)
+    config.num_labels, config.pad_token_id = 1, tok.pad_token_id
+    with torch.device("meta"):
+        lm, rm = AutoModelForCausalLM.from_config(config), AutoModelForSequenceClassification.from_config(config)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731 (tied weights once)
+    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    return count(lm), count(rm), config.num_hidden_layers, config.hidden_size, config.vocab_size, tied
+
+def memory_plan(cfg, stage):
+    """What `stage` holds at its largest moment, [(what, bytes)], from the config and the lengths of the data:
+    weights, gradients and Adam's state of each model, and the activations at the chosen batch."""
+    if stage not in ("sft", "rm", "judge", "ppo", "eval"):
+        return []
+    tok, data = rlhf.load_tokenizer(require(cfg, "tokenizer")), rlhf.load_data(cfg)
+    P, P_rm, L, d, V, tied = model_sizes(cfg, tok)
+    sft = rlhf.tokenize(tok, data["sft_train"] + data["sft_heldout"], cfg)
+    longest = max(len(e["prompt"]) + len(e["response"]) for e in sft)  # a demonstration, prompt and response
+    prompt = max(len(e["prompt"]) for e in sft)
+    rollout = prompt + cfg.max_new_tokens  # a sampled sequence, at its longest
+    train = lambda tokens, logits: FP32 * tokens * (20 * d * L + logits * V)  # noqa: E731 activations, backward
+    kv = lambda rows: FP32 * rows * rollout * L * 2 * d  # noqa: E731 the KV cache of `rows` samples
+    # a tied embedding's gradient comes from its two uses, each a (V, d) tensor, before they are summed
+    tied_grad = [("the tied embedding's gradient, from its two uses before they are summed", 2 * FP32 * V * d)] * tied
+    if stage == "sft":
+        B = cfg.sft_batch_size
+        return [("policy: weights, gradients, AdamW (16 bytes a parameter)", 16 * P),
+                (f"the larger of: activations of {B} sequences × {longest} tokens with 4 × logits, and 3 × logits of "
+                 f"the held-out loss's 64 sequences (no gradients)", max(train(B * longest, 4),
+                                                                        FP32 * 64 * longest * 3 * V))] + tied_grad
+    if stage in ("rm", "judge"):
+        n, T = 2 * cfg.rm_batch_size, max(longest, rollout if stage == "rm" and cfg.rm_samples else 0)
+        return [("reward model: weights, gradients, AdamW", 16 * P_rm), ("SFT policy (it samples): weights", 4 * P),
+                (f"the larger of: activations of {n} responses × {T} tokens, and the KV cache of "
+                 f"{cfg.sample_batch} samples", max(train(n * T, 0), kv(cfg.sample_batch)))]
+    if stage == "ppo":
+        B, mb, R = cfg.rollout_batch_size, cfg.minibatch_size, cfg.max_new_tokens
+        k = rlhf.load_summary(cfg).get("rm", {}).get("ensemble", 1)
+        return [("policy: weights, gradients, Adam; value head", 16 * (P + d + 1)),
+                (f"reference policy and {k} reward model(s): weights", 4 * (P + k * P_rm)),
+                (f"the larger of: 4 × the rollout's logits ({B} × {R} tokens), and a minibatch's activations "
+                 f"({mb} × {rollout} tokens, 4 × logits)", max(FP32 * B * R * V * 4, kv(B),
+                                                                train(mb * rollout, 0) + FP32 * mb * R * V * 4))] + tied_grad
+    if stage == "eval":
+        n = min(cfg.eval_prompts, sum(p["split"] == "heldout" for p in data["prompts"]))
+        k = 1 + ("judge" in rlhf.load_summary(cfg))
+        return [(f"SFT and PPO policies, {k} reward model(s): weights", 4 * (2 * P + k * P_rm)),
+                (f"3 × logits of {n} prompts × {cfg.max_new_tokens} tokens", FP32 * 3 * n * cfg.max_new_tokens * V)]
+
+def resident(device, peak=False):
+    """Bytes in use now (or the peak since reset_peak): CUDA's allocated memory, or this process's resident set."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device)
+    with open("/proc/self/status") as f:  # Linux; VmHWM: the resident set's high-water mark
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM" if peak else "VmRSS"].split()[0]) * 1024
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:  # "5": reset the high-water mark
+        f.write("5")  # (Linux 4.0 and later; where it cannot, the peak is the process's since it started)
+
+def planned_stage(cfg, stage, device, run):
+    """run(): the stage, between its memory plan and its measured peak (printed, and kept in its figures)."""
+    plan = memory_plan(cfg, stage) if rank() == 0 else []
+    if not plan:
+        return run()
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps memory freed by the last stage: return it
+        ctypes.CDLL(None).malloc_trim(0)
+    base = resident(device)
+    total = base + sum(n for _, n in plan)
+    print(f"memory plan: {gib(total)} at most on {device.type}\n" + "\n".join(
+        f"  {gib(n):>10}  {what}" for what, n in plan + [("in use before the stage (the process and its data)", base)]))
+    reset_peak(device)
+    figures = run()
+    peak = resident(device, peak=True)
+    print(f"memory: measured peak {gib(peak)}, planned {gib(total)} ({peak / total - 1:+.0%})")
+    return dict(figures, memory=dict(plan_bytes=total, peak_bytes=peak, device=device.type))
+
+def gib(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+# -----------------------------------------------------------------------------
 # main: rlhf.py's stages and the lab's, in order, each one's figures into summary.json
 
 def main(argv=None):
@@ -1472,7 +1583,8 @@ def main(argv=None):
             random.seed(cfg.seed + rank())  # each stage repeats on its own, whether run alone or in `all`
             torch.manual_seed(cfg.seed + rank())
             training = stage in ("sft", "rm", "judge", "ppo", "dpo", "rloo", "grpo")  # every process; else rank 0
-            figures = run[stage](cfg, device) if training or rank() == 0 else {}
+            figures = planned_stage(cfg, stage, device, lambda: run[stage](cfg, device)) if training or rank() == 0 \
+                else {}
             barrier()
             if rank() == 0:
                 summary = rlhf.load_summary(cfg)

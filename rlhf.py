@@ -1,5 +1,4 @@
-"""
-rlhf.py -- RLHF in one readable file: SFT, a reward model, and PPO with a KL penalty, on a small GPT-2.
+"""rlhf.py -- RLHF in one readable file: SFT, a reward model, and PPO with a KL penalty, on a small GPT-2.
 
   1. SFT   supervised fine-tuning on demonstrations (the loss on response tokens only)
   2. RM    a Bradley-Terry reward model on the crowd's pairs and the human's rankings of the SFT policy's samples
@@ -43,7 +42,6 @@ except ModuleNotFoundError as e:  # --help works without them (after the Config 
 STAGES = ("data", "tokenizer", "sft", "rm", "ppo", "eval")  # --stage all runs these, in this order
 FAMILIES = ("helpful", "harmless", "honest")
 
-
 # -----------------------------------------------------------------------------
 # 1. Config: every hyperparameter, one flag each (python rlhf.py --help)
 
@@ -60,6 +58,8 @@ class Config:
     device: str = arg("auto", "auto (cuda if available), cpu or cuda (bf16 autocast)", ("auto", "cpu", "cuda"))
     threads: int = arg(0, "torch threads; 0: torch's default", check=">= 0")
     model: str = arg("tiny", "'tiny': a small GPT-2 built from the config below; or a causal LM's folder or hub name")
+    sample_batch: int = arg(512, "most sequences sampled at once for the human and the RM's scale; less: less memory",
+                            check="> 0")
     # tiny model (ignored with a pretrained --model)
     n_layer: int = arg(2, "tiny model: transformer blocks", check="> 0")
     n_embd: int = arg(128, "tiny model: width", check="> 0")
@@ -85,6 +85,7 @@ class Config:
     rm_lr: float = arg(1e-3, "RM peak learning rate (AdamW)", check="> 0")
     rm_samples: int = arg(8, "SFT samples per training prompt for the human to rank; 0: the crowd's pairs only",
                           check="0 or >= 2")
+    rank_prompts: int = arg(0, "training prompts whose samples the human ranks (the first ones); 0: all", check=">= 0")
     # stage 3: PPO
     ppo_steps: int = arg(60, "PPO iterations (rollout + update)", check="> 0")
     rollout_batch_size: int = arg(128, "prompts per PPO iteration", check="> 0")
@@ -109,12 +110,17 @@ class Config:
     eval_prompts: int = arg(300, "most held-out prompts to evaluate on (the task holds out 275)", check="> 0")
 
 def build_parser(config=Config, prog="rlhf.py", about="RLHF in one file: SFT, a reward model, PPO with a KL penalty"):
-    """One flag per field of `config` (--sft_steps or --sft-steps), with its default and help."""
+    """One flag per field of `config` (--sft_steps or --sft-steps), with its default and help; @FILE reads flags from
+    a file (e.g. @assets/gpt2-124m.args), one or two words a line, # starts a comment; flags after it win."""
     class OneLineErrors(argparse.ArgumentParser):
         def error(self, message):  # argparse prints the whole usage first; we print one line
             sys.exit(f"{prog}: error: {message} (see python {prog} --help)")
 
-    p = OneLineErrors(prog=prog, description=about, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        def convert_arg_line_to_args(self, line):
+            return line.split("#")[0].split()
+
+    p = OneLineErrors(prog=prog, description=about, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      fromfile_prefix_chars="@")
     for f in dataclasses.fields(config):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         if f.type is bool:
@@ -154,7 +160,6 @@ if MISSING:  # without the packages only --help can work: the rest of this file 
     build_parser().parse_args()
     sys.exit(f"rlhf.py: error: the Python package '{MISSING}' is not installed; install the requirements first: "
              "pip install -r requirements.txt (README)")
-
 
 # -----------------------------------------------------------------------------
 # 2. The task and its simulated human
@@ -430,7 +435,6 @@ def stage_data(cfg, device):
           f"\n  rejected {ex['rejected']!r} (gold {ex['gold_rejected']:+.2f})")
     return dict(counts=counts)
 
-
 # -----------------------------------------------------------------------------
 # 3. Tokenization: byte-level BPE as in GPT-2, trained on our corpus
 #
@@ -541,29 +545,24 @@ def tokenize(tok, rows, cfg, keys=("response",)):
             out[-1][k] = r[:cfg.max_new_tokens] if len(r) + 1 > cfg.max_new_tokens else r + [tok.eos_token_id]
     return out
 
-def pretrained_tokenizer(cfg):
-    """--model's own tokenizer, with a pad token of its own, for sequences of at most --n_positions tokens."""
-    from transformers import AutoConfig, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(cfg.model)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD})  # subtle: pad = <|endoftext|> would mask real end tokens
-    positions = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None) or cfg.n_positions
-    tok.model_max_length, tok.padding_side = min(positions, cfg.n_positions), "left"
-    return tok
-
 def stage_tokenizer(cfg, device):
     data, folder, t0 = load_data(cfg), os.path.join(cfg.out_dir, "tokenizer"), time.time()
     if cfg.model == "tiny":  # our own byte-level BPE, learned from the SFT demonstrations (plain Python: slow)
         merges = train_bpe(["".join(r["prompt"] + r["response"] for r in data["sft_train"])[:500_000]], cfg.vocab_size)
         save_atomically(lambda path: save_tokenizer(merges, path, cfg.n_positions), folder)
         print(f"tokenizer: {len(merges)} merges -> {folder} ({time.time() - t0:.1f}s)")
-    else:  # a pretrained model brings its own
-        save_atomically(pretrained_tokenizer(cfg).save_pretrained, folder)
+    else:  # a pretrained model brings its own, with a pad token of its own, for at most --n_positions tokens
+        from transformers import AutoConfig, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+            tok.add_special_tokens({"pad_token": PAD})  # subtle: pad = <|endoftext|> would mask real end tokens
+        positions = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None) or cfg.n_positions
+        tok.model_max_length = min(positions, cfg.n_positions)
+        save_atomically(tok.save_pretrained, folder)
     tok, example = load_tokenizer(folder), data["sft_train"][0]["prompt"] + data["sft_train"][0]["response"]
     ids = encode(tok, [example])[0]
     print(f"  vocab {len(tok)}; {example[-200:]!r} -> {len(ids)} tokens: {[tok.decode([i]) for i in ids][-60:]}")
     return dict(vocab_size=len(tok), merges=len(merges) if cfg.model == "tiny" else None)
-
 
 # -----------------------------------------------------------------------------
 # 4. Models, log-probs and sampling: the policy and its reference (a causal LM), the reward model (the LM's body and a
@@ -657,7 +656,7 @@ def generate(policy, tok, prompt_ids, cfg, device):
     rows = torch.arange(len(q_ids), device=device)  # the rows still writing, in order
     ids, mask, pos, kv = q_ids, q_mask, position_ids(q_mask), DynamicCache()
     key = "cache" if "cache" in inspect.signature(policy.forward).parameters else "past_key_values"  # (5.24 renamed)
-    for t in tqdm(range(cfg.max_new_tokens), desc="sampling", leave=False, delay=5):  # shown if it takes over 5 s
+    for t in tqdm(range(cfg.max_new_tokens), desc="sampling", leave=False, delay=2):  # shown if it takes over 2 s
         with autocast(device):
             logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                             **{key: kv}).logits[:, -1]  # (n, V): the logits that predict response token t
@@ -686,7 +685,6 @@ def decode_responses(tok, r_ids, r_mask):
 
 def prompt_tokens(tok, prompts, cfg):
     return [x["prompt"] for x in tokenize(tok, prompts, cfg, keys=())]
-
 
 # -----------------------------------------------------------------------------
 # 5. Stage 1: supervised fine-tuning (SFT)
@@ -762,7 +760,8 @@ def stage_sft(cfg, device):
         metrics.append(dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0]))
         if step % max(1, cfg.sft_steps // 5) == 0 or step == cfg.sft_steps:  # the held-out loss, 5 times a run
             with torch.no_grad(), autocast(device):
-                losses = [sft_loss(model, *sft_batch(held[i:i + 64], tok, device)) for i in range(0, len(held), 64)]
+                losses = [sft_loss(model, *sft_batch(held[i:i + 64], tok, device))
+                          for i in tqdm(range(0, len(held), 64), desc="held-out loss", leave=False)]
             metrics[-1]["heldout_loss"] = held_loss = torch.stack(losses).mean().item()
         bar.set_postfix(loss=f"{loss.item():.3f}", held=f"{held_loss:.3f}")
     # 4. save
@@ -771,7 +770,6 @@ def stage_sft(cfg, device):
     write_jsonl(os.path.join(cfg.out_dir, "sft_metrics.jsonl"), metrics)
     print(f"SFT: held-out loss {held_loss:.3f}")
     return dict(wall_s=round(time.time() - t0, 1), final_loss=metrics[-1]["loss"], heldout_loss=held_loss)
-
 
 # -----------------------------------------------------------------------------
 # 6. Stage 2: the reward model (Bradley-Terry)
@@ -826,7 +824,7 @@ def rm_accuracy(rm, tok, items, device):
     """How often the reward model prefers the response the labels prefer and, on the built-in task, the one the
     noise-free gold score prefers (equal gold scores left out), overall and per family."""
     hits = []  # ((item, i, j), the reward model prefers i to j)
-    for k in tqdm(range(0, len(items), 32), desc="RM accuracy", leave=False, delay=5):
+    for k in tqdm(range(0, len(items), 32), desc="RM accuracy", leave=False):
         batch = [it for it in items[k:k + 32] if it["better"]]
         if batch:
             ids, mask, better, worse = comparison_batch(batch, tok, device)
@@ -847,7 +845,7 @@ def own_rankings(policy, tok, prompts, cfg, device, rng):
     K = 4 to 9], by gold / T + Gumbel noise (Plackett-Luce: any two ordered as the annotator orders a pair).
     -> rows {prompt, family, responses, gold, rank} (rank 0 the best)"""
     k, rows, prompt_ids = cfg.rm_samples, [], prompt_tokens(tok, prompts, cfg)
-    step = max(1, 512 // k)  # about 512 sequences per generate() call: 1024 or 2048 were no faster on a CPU
+    step = max(1, cfg.sample_batch // k)  # sequences per generate() call (512: 1024 or 2048 were no faster on a CPU)
     for i in tqdm(range(0, len(prompts), step), desc="the human ranks samples", dynamic_ncols=True):
         chunk = prompts[i:i + step]
         _, _, r_ids, r_mask, ended = generate(policy, tok, prompt_ids[i:i + step] * k, cfg, device)  # (k·B, R)
@@ -900,9 +898,12 @@ def fit_reward_model(rm, tok, train, held, cfg, device, name, seed):
 def sft_scale(score, sft, tok, prompts, cfg, device):
     """μ, σ of score(ids, mask) -> (B,) over the SFT policy's samples (two per prompt, those that ended): (r − μ) / σ
     gives them mean 0, std 1 [Ziegler]; a reward model's scale is arbitrary, and β means something on a known one."""
-    q_ids, q_mask, r_ids, r_mask, ended = generate(sft, tok, prompt_tokens(tok, prompts, cfg) * 2, cfg, device)
-    with autocast(device):
-        raw = score(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended].float()
+    ids, raw = prompt_tokens(tok, prompts, cfg) * 2, []
+    for i in tqdm(range(0, len(ids), cfg.sample_batch), desc="the RM's scale", leave=False, delay=2):
+        q_ids, q_mask, r_ids, r_mask, ended = generate(sft, tok, ids[i:i + cfg.sample_batch], cfg, device)
+        with autocast(device):
+            raw.append(score(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1))[ended].float())
+    raw = torch.cat(raw)
     if raw.numel() < 2:  # (a tiny smoke run where almost no sample ended: nothing to measure a scale on)
         raw = torch.tensor([-1.0, 1.0])
     return raw.mean().item(), raw.std().item() + 1e-6
@@ -925,7 +926,8 @@ def train_reward_model(cfg, device, name="rm", pairs="prefs_train", own=True, se
     train_prompts = [p for p in data["prompts"] if p["split"] == "train"]
     # 1. the comparisons: the crowd's pairs and, where the simulated human can rank them, the SFT policy's own
     #    samples: they are where PPO starts, and they show the reward model the mistakes the policy makes
-    rankings = own_rankings(sft, tok, train_prompts, cfg, device, random.Random(f"{seed} {name}")) \
+    ranked = train_prompts[:cfg.rank_prompts or None]
+    rankings = own_rankings(sft, tok, ranked, cfg, device, random.Random(f"{seed} {name}")) \
         if own and cfg.rm_samples and train_prompts[0]["family"] else []
     write_jsonl(os.path.join(cfg.out_dir, f"{name}_rankings.jsonl"), rankings)
     # 2. Bradley-Terry training on every comparison
@@ -941,10 +943,6 @@ def train_reward_model(cfg, device, name="rm", pairs="prefs_train", own=True, se
     return dict(wall_s=round(time.time() - t0, 1), final_loss=metrics[-1]["loss"], heldout=final,
                 pairs=len(data[pairs]), rankings=len(rankings), reward_mean=rm.config.reward_mean,
                 reward_std=rm.config.reward_std)
-
-def stage_rm(cfg, device):
-    return train_reward_model(cfg, device)
-
 
 # -----------------------------------------------------------------------------
 # 7. Stage 3: PPO with a KL penalty, as pure tensor functions in the order they run, then the loop
@@ -1040,7 +1038,7 @@ def ppo_update(policy, value_head, opt, exp, cfg):
     L = L_CLIP + vf_coef · L_V   (policy and value head share the body: one loss, one backward). -> mean statistics"""
     stats, n_updates = Counter(), 0
     for _ in range(cfg.ppo_epochs):
-        for mb in tqdm(torch.randperm(len(exp["ids"])).split(cfg.minibatch_size), desc="update", leave=False, delay=5):
+        for mb in tqdm(torch.randperm(len(exp["ids"])).split(cfg.minibatch_size), desc="update", leave=False, delay=2):
             ids, mask, r_ids, m = exp["ids"][mb], exp["mask"][mb], exp["r_ids"][mb], exp["r_mask"][mb]
             with autocast(ids.device):
                 logits, values = policy_forward(policy, value_head, ids, mask, exp["n_prompt"], cfg.temperature)
@@ -1067,9 +1065,9 @@ def explained_variance(values, returns, mask):
     var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
     return (1 - var(returns - values) / var(returns).clamp(min=1e-8)).item()
 
-def plot_ppo(path, title, metrics, marks=()):
+def plot_ppo(path, title, metrics):
     """The reward and KL plots, over the steps: the reward PPO maximised and the human's score of the same responses,
-    the KL to the reference, β, the entropy and the share of responses that end; `marks` [(step, label)]: dashed."""
+    the KL to the reference, β, the entropy and the share of responses that end. Saved to path; returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1081,10 +1079,6 @@ def plot_ppo(path, title, metrics, marks=()):
             ("entropy, and responses that end", "nats per token / share", ("entropy", "ended"))]):
         for key in [k for k in keys if k in metrics[0]]:
             ax.plot(steps, [m[key] for m in metrics], label=key, marker="o" if len(steps) < 20 else None)
-        for x, label in marks:
-            ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
-            ax.annotate(label, (x, 0.99), xycoords=("data", "axes fraction"), fontsize=7, ha="right", va="top",
-                        rotation=90)
         ax.set(title=name, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -1092,6 +1086,7 @@ def plot_ppo(path, title, metrics, marks=()):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 def stage_ppo(cfg, device):
     data, tok = load_data(cfg), load_tokenizer(require(cfg, "tokenizer"))
@@ -1140,7 +1135,6 @@ def stage_ppo(cfg, device):
     return dict(wall_s=round(time.time() - t_start, 1), time_s={k: round(v, 1) for k, v in times.items()},
                 final={k: sum(m[k] for m in last) / len(last) for k in last[0] if k != "step"})
 
-
 # -----------------------------------------------------------------------------
 # 8. Evaluation: the policy against SFT on held-out prompts, by the simulated human, with how sure we are
 
@@ -1169,10 +1163,9 @@ def evaluate_policy(policy, tok, prompts, cfg, device, scorers, ref, seed):
 
 def bootstrap_ci(x, seed, y=None, resamples=1000):
     """95% interval of the mean of x or, with y, of the paired difference mean(x) − mean(y), by the percentile
-    bootstrap [Efron]: draw the P prompts with replacement (torch.randint(P, (resamples, P), generator=
-    torch.Generator().manual_seed(seed))), take each draw's mean; keep the 26th to the 975th smallest of 1000.
-    subtle: the prompt is the independent unit (its samples are alike): draw whole prompts, the same for x and y.
-    x, y: (P, S) values (NaN where a prompt has fewer); a draw's mean is over all its values.
+    bootstrap [Efron]: draw the P prompts with replacement 1000 times, take each draw's mean, keep the 26th to the
+    975th smallest. subtle: the prompt is the independent unit (its samples are alike): draw whole prompts, the same
+    for x and y. x, y: (P, S) values (NaN where a prompt has fewer); a draw's mean is over all its values.
     Example: 50 prompts whose 8 samples are all 1, 50 all 0 -> about [0.40, 0.60] (drawing samples: [0.47, 0.53])"""
     rows = torch.randint(len(x), (resamples, len(x)), generator=torch.Generator().manual_seed(seed))  # (B, P)
 
@@ -1258,14 +1251,14 @@ def stage_eval(cfg, device):
         for a, b in list(zip(records["sft"], records["ppo"]))[:6]))
     return figures
 
-
 # -----------------------------------------------------------------------------
 # main: the stages in order, each one's figures into summary.json
 
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
     stage, stages = None, STAGES if cfg.stage == "all" else (cfg.stage,)
-    run = dict(data=stage_data, tokenizer=stage_tokenizer, sft=stage_sft, rm=stage_rm, ppo=stage_ppo, eval=stage_eval)
+    run = dict(data=stage_data, tokenizer=stage_tokenizer, sft=stage_sft, rm=train_reward_model, ppo=stage_ppo,
+               eval=stage_eval)
     try:
         check_config(cfg)
         use_cuda = cfg.device == "cuda" or cfg.device == "auto" and torch.cuda.is_available()
@@ -1293,7 +1286,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted in stage {stage}: the stages before it are saved in {cfg.out_dir}/; rerun it with "
                  f"`python rlhf.py --stage {stage} --out_dir {cfg.out_dir}`, or use --stage all")
-
 
 if __name__ == "__main__":
     main()

@@ -557,6 +557,33 @@ def test_the_lab_variant_of_ppo_repeats_rlhf_pys_ppo_exactly(lab_run, tmp_path, 
             assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (a["step"], k)
 
 
+def test_memory_plan_counts_each_model_and_each_stage_keeps_its_measured_peak(lab_run):
+    """The plan by hand: 16 bytes a trained parameter (weights, gradients, Adam's two moments), 4 a frozen one,
+    activations of 20 numbers of the width per token and block plus a few copies of the logits; every planned stage
+    keeps its plan and its measured peak in summary.json."""
+    cfg = lab_config("--out_dir", str(lab_run), *LAB_SMOKE)
+    tok, data = rlhf.load_tokenizer(str(lab_run / "tokenizer")), rlhf.load_data(cfg)
+    P = sum(p.numel() for p in rlhf.load_lm(str(lab_run / "sft"), CPU).parameters())
+    P_rm = sum(p.numel() for p in rlhf.load_scalar_model(str(lab_run / "rm"), CPU).parameters())
+    V, d, L = len(tok), cfg.n_embd, cfg.n_layer
+    sft = rlhf.tokenize(tok, data["sft_train"] + data["sft_heldout"], cfg)
+    longest, rollout = max(len(e["prompt"] + e["response"]) for e in sft), max(len(e["prompt"]) for e in sft) + 8
+    plan = {stage: [n for _, n in lab.memory_plan(cfg, stage)] for stage in ("sft", "rm", "judge", "ppo", "eval")}
+    tied = [2 * 4 * V * d]  # GPT-2's output layer is its input embedding: two (V, d) gradients before their sum
+    assert plan["sft"] == [16 * P, max(4 * 16 * longest * (20 * d * L + 4 * V), 4 * 64 * longest * 3 * V)] + tied
+    assert plan["rm"] == [16 * P_rm, 4 * P, max(4 * 32 * rollout * 20 * d * L, 4 * 512 * rollout * L * 2 * d)]
+    assert plan["judge"][2] == max(4 * 32 * longest * 20 * d * L, 4 * 512 * rollout * L * 2 * d)
+    assert plan["ppo"] == [16 * (P + d + 1), 4 * (P + P_rm),
+                           max(4 * 8 * 8 * V * 4, 4 * 8 * rollout * L * 2 * d,
+                               4 * 4 * rollout * 20 * d * L + 4 * 4 * 8 * V * 4)] + tied
+    assert plan["eval"] == [4 * (2 * P + 2 * P_rm), 4 * 3 * 24 * 8 * V]  # the judge's weights too
+    assert lab.memory_plan(cfg, "data") == []
+    summary = json.loads((lab_run / "summary.json").read_text())
+    for stage in plan:
+        m = summary[stage]["memory"]
+        assert m["device"] == "cpu" and m["plan_bytes"] > sum(plan[stage]) and m["peak_bytes"] > 0, stage
+
+
 def test_ppo_on_the_human_as_the_reward_runs_with_no_reward_model_and_no_refresh(lab_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(lab_run, out)

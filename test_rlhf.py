@@ -811,6 +811,47 @@ def test_the_human_ranks_the_sft_policys_samples_and_the_reward_model_trains_on_
     assert rlhf.read_jsonl(str(out / "rm_rankings.jsonl")) == [] and json.load(open(out / "summary.json"))["rm"]["rankings"] == 0
 
 
+def test_rank_prompts_caps_the_prompts_the_human_ranks(smoke_run, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(rlhf, "own_rankings", lambda policy, tok, prompts, *rest: seen.append(prompts) or [])
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    rlhf.main(["--stage", "rm", "--out_dir", str(out)] + SMOKE + ["--rank_prompts", "3"])
+    train = [p for p in rlhf.load_data(rlhf.Config(out_dir=str(out)))["prompts"] if p["split"] == "train"]
+    assert seen[-1] == train[:3]  # the first three training prompts
+    rlhf.main(["--stage", "rm", "--out_dir", str(out)] + SMOKE)  # 0, the default: every training prompt
+    assert seen[-1] == train
+
+
+def test_sample_batch_bounds_each_sampling_call_for_the_human_and_the_rms_scale(tmp_path, monkeypatch):
+    """--sample_batch: the human's rankings and the reward model's scale sample at most that many sequences at once
+    (a big model's memory); with every row in one call (the default run) nothing changes."""
+    rlhf.save_tokenizer({}, str(tmp_path), 256)
+    tok = rlhf.load_tokenizer(str(tmp_path))
+    calls = []
+
+    def fake_generate(policy, tok_, prompt_ids, cfg_, device):  # each row answers with its prompt's length
+        calls.append(len(prompt_ids))
+        r_ids, r_mask = pad_right([encode_plain(tok, f" L{len(ids)}") + [tok.eos_token_id] for ids in prompt_ids],
+                                  tok.pad_token_id)
+        q_ids, q_mask = pad_left(prompt_ids, tok.pad_token_id)
+        return q_ids, q_mask, r_ids, r_mask, torch.ones(len(prompt_ids), dtype=torch.bool)
+    monkeypatch.setattr(rlhf, "generate", fake_generate)
+    prompts = [BIKE, CAR, UNTOLD] * 4
+    score = lambda ids, mask: mask.sum(1).float()  # noqa: E731 (prompt lengths differ: a spread to measure)
+    whole = rlhf.sft_scale(score, None, tok, prompts, rlhf.Config(), CPU)
+    assert calls == [24]  # two samples of each of the 12 prompts, in one call
+    calls.clear()
+    assert rlhf.sft_scale(score, None, tok, prompts, rlhf.Config(sample_batch=5), CPU) == pytest.approx(whole)
+    assert calls == [5, 5, 5, 5, 4]
+    calls.clear()
+    rows = rlhf.own_rankings(None, tok, prompts, rlhf.Config(rm_samples=3, sample_batch=7), CPU, random.Random(0))
+    assert calls == [6] * 6 and len(rows) == 0  # 2 prompts × 3 samples a call; one response each: nothing to rank
+    calls.clear()
+    rlhf.own_rankings(None, tok, prompts, rlhf.Config(rm_samples=3, sample_batch=2), CPU, random.Random(0))
+    assert calls == [3] * 12  # a prompt's samples stay together, even past the bound
+
+
 # ---------------------------------------------------------------------------- stage 3: PPO
 
 def test_kl_shaped_rewards_put_the_score_on_the_last_real_token_only():
@@ -1274,7 +1315,7 @@ def test_ctrl_c_names_the_stage_to_rerun_and_keeps_the_finished_ones(smoke_run, 
     def interrupted(cfg, device):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rlhf, "stage_rm", interrupted)
+    monkeypatch.setattr(rlhf, "train_reward_model", interrupted)
     with pytest.raises(SystemExit) as e:
         rlhf.main(["--stage", "rm", "--out_dir", str(out)] + SMOKE)
     assert "interrupted in stage rm" in str(e.value.code) and "--stage rm" in str(e.value.code)
@@ -1346,6 +1387,32 @@ def test_any_causal_lm_from_a_local_folder(model_type, bos, tmp_path, small_merg
     first = rlhf.prompt_tokens(tok, [dict(prompt="\n\nHuman: hi\n\nAssistant:")], rlhf.Config())[0]
     assert (first[0] == tok.bos_token_id) == bos
     assert json.loads((out / "summary.json").read_text())["eval"]["n_prompts"] == 24
+
+
+def test_flags_from_a_file_with_comments_and_the_flags_after_it_win(tmp_path):
+    (tmp_path / "a.args").write_text("# a recipe\n--sft_lr 5e-5   # a comment\n\n--ppo_steps 7\n--model=gpt2\n")
+    parser = rlhf.build_parser()
+    args = parser.parse_args([f"@{tmp_path / 'a.args'}", "--ppo_steps", "3"])
+    assert (args.sft_lr, args.ppo_steps, args.model) == (5e-5, 3, "gpt2")
+    with pytest.raises(SystemExit, match=r"^rlhf.py: error: .*No such file .*nope.args"):
+        parser.parse_args([f"@{tmp_path / 'nope.args'}"])
+
+
+def test_the_gpt2_recipe_runs_every_stage_on_a_small_local_model(tmp_path, small_merges):
+    """assets/gpt2-124m.args, the recipe for the real small GPT-2, on the same code path with a small GPT-2 saved
+    locally (a smoke schedule after it wins): every flag in it is valid, and every stage runs."""
+    recipe = os.path.join(HERE, "assets", "gpt2-124m.args")
+    if not os.path.exists(recipe):
+        pytest.skip("rlhf.py alone: no assets/")
+    checkpoint(tmp_path / "model", "gpt2", small_merges)
+    out = tmp_path / "run"
+    rlhf.main(["--stage", "all", "--out_dir", str(out), "--model", str(tmp_path / "model"), f"@{recipe}"] + SMOKE +
+              ["--rank_prompts", "8", "--sample_batch", "8", "--rm_batch_size", "4"])
+    s = json.loads((out / "summary.json").read_text())
+    ran = s["eval"]["config"]
+    assert (ran["sft_lr"], ran["rm_lr"], ran["ppo_lr"], ran["kl_coef"], ran["rm_epochs"]) == (5e-5, 5e-5, 1e-5, 0.15, 1)
+    assert (ran["ppo_steps"], ran["rm_samples"], ran["rank_prompts"], ran["sample_batch"]) == (2, 2, 8, 8)  # after it
+    assert s["rm"]["rankings"] <= 8 and s["eval"]["n_prompts"] == 24
 
 
 def test_bench_runs_the_ppo_step_of_rlhf(capsys, tmp_path):
