@@ -1130,13 +1130,13 @@ def probe_table(run):
     return "\n".join(lines)
 
 
-GPT2_SIZES = {"124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20)}  # layers, width, heads
+GPT2_SIZES = {"124M (gpt2)": (12, 768, 12), "355M (gpt2-medium)": (24, 1024, 16), "774M (gpt2-large)": (36, 1280, 20)}
 
 
 def memory_plans(run):
-    """lab.py's memory plan of SFT, the reward model and PPO for GPT-2 124M, 355M and 774M with the recipe
-    (assets/gpt2-124m.args) on a GPU, from a finished run's data and tokenizer (its sequence lengths): written to
-    RUN/memory_plans.json, for README's table beside what the run measured."""
+    """lab.py's memory plan of SFT, the reward model, PPO and the evaluation for GPT-2 124M, 355M and 774M with the
+    recipe (assets/gpt2-124m.args, unchanged for the larger two) on a GPU, from a finished run's data and tokenizer
+    (its sequence lengths): written to RUN/memory_plans.json, for README's table beside what the run measured."""
     import tempfile
     import lab
     import rlhf
@@ -1148,7 +1148,7 @@ def memory_plans(run):
             argv = ["@" + os.path.join(HERE, "assets", "gpt2-124m.args"), "--model", folder, "--out_dir", run]
             cfg = lab.LabConfig(**vars(rlhf.build_parser(lab.LabConfig, "lab.py").parse_args(argv)))
             tok = rlhf.load_tokenizer(os.path.join(run, "tokenizer"))
-            plan = {stage: sum(n for _, n in lab.memory_plan(cfg, stage)) for stage in ("sft", "rm", "ppo")}
+            plan = {stage: sum(n for _, n in lab.memory_plan(cfg, stage)) for stage in ("sft", "rm", "ppo", "eval")}
             rows.append(dict(model=name, parameters=lab.model_sizes(cfg, tok)[0], **plan))
     with open(os.path.join(run, "memory_plans.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -1160,12 +1160,12 @@ def memory_table(run):
     with open(os.path.join(RUNS, run, "memory_plans.json")) as f:
         rows = json.load(f)
     s, gib = stored(run), lambda n: f"{n / 2 ** 30:.1f}"  # noqa: E731
-    lines = ["| GPT-2 | parameters | SFT | reward model | PPO |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']}, planned | {r['parameters'] / 1e6:.0f}M | {gib(r['sft'])} | {gib(r['rm'])} | "
-              f"{gib(r['ppo'])} |" for r in rows]
-    m = {k: s[k]["memory"] for k in ("sft", "rm", "ppo")}
-    lines.append(f"| 124M on this CPU, planned → measured | | " + " | ".join(
-        f"{gib(m[k]['plan_bytes'])} → {gib(m[k]['peak_bytes'])}" for k in ("sft", "rm", "ppo")) + " |")
+    stages = ("sft", "rm", "ppo", "eval")
+    lines = ["| GPT-2 | parameters | SFT | reward model | PPO | evaluation |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']}, planned | {r['parameters'] / 1e6:.0f}M | " + " | ".join(gib(r[k]) for k in stages) + " |"
+              for r in rows]
+    lines.append("| 124M, smoke schedule on the 2-core CPU, planned → measured | | " + " | ".join(
+        f"{gib(s[k]['memory']['plan_bytes'])} → {gib(s[k]['memory']['peak_bytes'])}" for k in stages) + " |")
     return "\n".join(lines)
 
 

@@ -1502,20 +1502,25 @@ def memory_plan(cfg, stage):
         k = rlhf.load_summary(cfg).get("rm", {}).get("ensemble", 1)
         return [("policy: weights, gradients, Adam; value head", 16 * (P + d + 1)),
                 (f"reference policy and {k} reward model(s): weights", 4 * (P + k * P_rm)),
-                (f"the larger of: 4 × the rollout's logits ({B} × {R} tokens), and a minibatch's activations "
-                 f"({mb} × {rollout} tokens, 4 × logits)", max(FP32 * B * R * V * 4, kv(B),
-                                                                train(mb * rollout, 0) + FP32 * mb * R * V * 4))] + tied_grad
+                (f"the larger of: 4 × the rollout's logits ({B} × {R} tokens), its KV cache, and a minibatch's "
+                 f"activations ({mb} × {rollout} tokens, 4 × logits)",
+                 max(FP32 * B * R * V * 4, kv(B), train(mb * rollout, 0) + FP32 * mb * R * V * 4))] + tied_grad
     if stage == "eval":
         n = min(cfg.eval_prompts, sum(p["split"] == "heldout" for p in data["prompts"]))
         k = 1 + ("judge" in rlhf.load_summary(cfg))
         return [(f"SFT and PPO policies, {k} reward model(s): weights", 4 * (2 * P + k * P_rm)),
                 (f"3 × logits of {n} prompts × {cfg.max_new_tokens} tokens", FP32 * 3 * n * cfg.max_new_tokens * V)]
 
+PROC_STATUS = "/proc/self/status"  # Linux; elsewhere the CPU's plan is printed and nothing is measured
+
 def resident(device, peak=False):
-    """Bytes in use now (or the peak since reset_peak): CUDA's allocated memory, or this process's resident set."""
+    """Bytes in use now (or the peak since reset_peak): the tensors CUDA allocated (nvidia-smi shows more: the CUDA
+    context and the allocator's cache), or this process's resident set; None where it cannot be read."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device)
-    with open("/proc/self/status") as f:  # Linux; VmHWM: the resident set's high-water mark
+    if not os.path.exists(PROC_STATUS):
+        return None
+    with open(PROC_STATUS) as f:  # VmHWM: the resident set's high-water mark
         fields = dict(line.split(":", 1) for line in f)
     return int(fields["VmHWM" if peak else "VmRSS"].split()[0]) * 1024
 
@@ -1531,15 +1536,17 @@ def planned_stage(cfg, stage, device, run):
     plan = memory_plan(cfg, stage) if rank() == 0 else []
     if not plan:
         return run()
-    with contextlib.suppress(OSError, AttributeError):  # glibc keeps memory freed by the last stage: return it
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # glibc keeps memory the last stage freed: return it
         ctypes.CDLL(None).malloc_trim(0)
     base = resident(device)
-    total = base + sum(n for _, n in plan)
-    print(f"memory plan: {gib(total)} at most on {device.type}\n" + "\n".join(
-        f"  {gib(n):>10}  {what}" for what, n in plan + [("in use before the stage (the process and its data)", base)]))
+    plan += [("in use before the stage (the process and its data)", base)] if base is not None else []
+    total = sum(n for _, n in plan)
+    print(f"memory plan: {gib(total)} at most on {device.type}\n" + "\n".join(f"  {gib(n):>10}  {w}" for w, n in plan))
     reset_peak(device)
     figures = run()
     peak = resident(device, peak=True)
+    if peak is None:
+        return figures
     print(f"memory: measured peak {gib(peak)}, planned {gib(total)} ({peak / total - 1:+.0%})")
     return dict(figures, memory=dict(plan_bytes=total, peak_bytes=peak, device=device.type))
 

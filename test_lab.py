@@ -584,6 +584,16 @@ def test_memory_plan_counts_each_model_and_each_stage_keeps_its_measured_peak(la
         assert m["device"] == "cpu" and m["plan_bytes"] > sum(plan[stage]) and m["peak_bytes"] > 0, stage
 
 
+def test_without_proc_the_plan_is_printed_and_nothing_is_measured(lab_run, tmp_path, monkeypatch, capsys):
+    """macOS and Windows have no /proc: the plan still prints (without the process's own memory), the stage runs,
+    and no measured peak is claimed."""
+    monkeypatch.setattr(lab, "PROC_STATUS", str(tmp_path / "no-proc"))
+    cfg = lab_config("--out_dir", str(lab_run), *LAB_SMOKE)
+    figures = lab.planned_stage(cfg, "sft", CPU, lambda: {"ran": True})
+    out = capsys.readouterr().out
+    assert figures == {"ran": True} and "memory plan:" in out and "measured" not in out and "in use before" not in out
+
+
 def test_ppo_on_the_human_as_the_reward_runs_with_no_reward_model_and_no_refresh(lab_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(lab_run, out)
