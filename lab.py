@@ -1473,7 +1473,8 @@ def model_sizes(cfg, tok):
 
 def memory_plan(cfg, stage):
     """What `stage` holds at its largest moment, [(what, bytes)], from the config and the lengths of the data:
-    weights, gradients and Adam's state of each model, and the activations at the chosen batch."""
+        bytes ≈ 16·P_trained + 4·P_frozen + 4·tokens·(20·d·L + c·V)    (c: copies of the logits, 0 for a reward model)
+    with P parameters, L blocks of width d, a vocabulary of V, and the tokens of the largest batch."""
     if stage not in ("sft", "rm", "judge", "ppo", "eval"):
         return []
     tok, data = rlhf.load_tokenizer(require(cfg, "tokenizer")), rlhf.load_data(cfg)
@@ -1511,6 +1512,9 @@ def memory_plan(cfg, stage):
         return [(f"SFT and PPO policies, {k} reward model(s): weights", 4 * (2 * P + k * P_rm)),
                 (f"3 × logits of {n} prompts × {cfg.max_new_tokens} tokens", FP32 * 3 * n * cfg.max_new_tokens * V)]
 
+def gib(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
 PROC_STATUS = "/proc/self/status"  # Linux; elsewhere the CPU's plan is printed and nothing is measured
 
 def resident(device, peak=False):
@@ -1541,7 +1545,7 @@ def planned_stage(cfg, stage, device, run):
     base = resident(device)
     plan += [("in use before the stage (the process and its data)", base)] if base is not None else []
     total = sum(n for _, n in plan)
-    print(f"memory plan: {gib(total)} at most on {device.type}\n" + "\n".join(f"  {gib(n):>10}  {w}" for w, n in plan))
+    print(f"memory plan: about {gib(total)} on {device.type}\n" + "\n".join(f"  {gib(n):>10}  {w}" for w, n in plan))
     reset_peak(device)
     figures = run()
     peak = resident(device, peak=True)
@@ -1550,8 +1554,6 @@ def planned_stage(cfg, stage, device, run):
     print(f"memory: measured peak {gib(peak)}, planned {gib(total)} ({peak / total - 1:+.0%})")
     return dict(figures, memory=dict(plan_bytes=total, peak_bytes=peak, device=device.type))
 
-def gib(n):
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
 
 # -----------------------------------------------------------------------------
