@@ -530,11 +530,14 @@ BENCH_SHAPES = {"tiny": ([], []), "gpt2-124m": (
     "--steps 4 --warmup 1".split())}
 
 
-def run_bench(out_dir, trl_python, trl_script, pairs, threads):
+def run_bench(out_dir, trl_python, trl_script, pairs, threads, huge_pages=False):
     """bench.py and TRL's step on the same work, one after the other (never at once), `pairs` times at each shape:
-    out_dir/summary.json {'bench': {shape: {'rlhf': [s], 'trl': [s], 'ratio': [TRL / rlhf.py], ...}}}."""
+    out_dir/summary.json {'bench': {shape: {'rlhf': [s], 'trl': [s], 'ratio': [TRL / rlhf.py], ...}}}.
+    huge_pages: both with PyTorch's THP_MEM_ALLOC_ENABLE=1 (CPU tensors of 2 MB and more on 2 MB pages)."""
     os.makedirs(out_dir, exist_ok=True)
-    out = dict(threads=threads, cpu=subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
+    env = dict(os.environ, **({"THP_MEM_ALLOC_ENABLE": "1"} if huge_pages else {}))
+    out = dict(threads=threads, huge_pages=huge_pages,
+               cpu=subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
     for shape, (ours, theirs) in BENCH_SHAPES.items():
         got = {k: [] for k in ("rlhf", "trl", "ratio", "gflops", "share", "update_share", "ceiling", "trl_gflops")}
         for i in range(pairs):
@@ -544,7 +547,7 @@ def run_bench(out_dir, trl_python, trl_script, pairs, threads):
                 with open(path[:-5] + ".log", "w") as log:
                     print(f"{shape} {who} {i + 1} ...", flush=True)
                     subprocess.run(cmd + ["--threads", str(threads), "--json", path], stdout=log,
-                                   stderr=subprocess.STDOUT, check=True)
+                                   stderr=subprocess.STDOUT, check=True, env=env)
                 with open(path) as f:
                     r = json.load(f)
                 if who == "rlhf":
@@ -1220,6 +1223,8 @@ def build_parser():
     b.add_argument("--out_dir", default="runs/bench")
     b.add_argument("--pairs", type=int, default=2)
     b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--huge_pages", action="store_true",
+                   help="both programs with THP_MEM_ALLOC_ENABLE=1: CPU tensors of 2 MB and more on 2 MB pages")
     red = sub.add_parser("redraws", help="chapter 8: one run's evaluation drawn again with other seeds")
     red.add_argument("run", nargs="?", default="runs/seeds/lab_seed_0")
     red.add_argument("--out_dir", default="runs/redraws")
@@ -1270,7 +1275,7 @@ def main(argv=None):
     elif args.command == "frontier":
         run_frontier(args.seeds, args.out_dir, args.base, flags, args.jobs)
     elif args.command == "bench":
-        run_bench(args.out_dir, args.trl_python, args.trl_script, args.pairs, args.threads)
+        run_bench(args.out_dir, args.trl_python, args.trl_script, args.pairs, args.threads, args.huge_pages)
     elif args.command == "redraws":
         run_redraws(args.run, args.out_dir, args.seeds)
     elif args.command == "plot_seeds":

@@ -1255,6 +1255,32 @@ def test_course_runs_each_stage_of_a_copy_with_the_seed_of_its_run(tmp_path, mon
 
 
 @needs_course
+def test_course_bench_runs_the_two_programs_in_turn_in_the_same_environment(tmp_path, monkeypatch):
+    import course
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    calls = []
+
+    def fake_run(cmd, env=None, **kw):
+        if cmd[0] == "lscpu":
+            return types.SimpleNamespace(stdout="a CPU")
+        calls.append((cmd, env or {}))
+        ours = dict(median={"total": 1.0}, gflops=1.0, share=0.5, update_share=0.6, ceiling=2.0)
+        with open(cmd[cmd.index("--json") + 1], "w") as f:
+            json.dump(dict(summary={"total": {"median": 2.0}}) if cmd[0] == "trl-python" else ours, f)
+
+    monkeypatch.setattr(course.subprocess, "run", fake_run)
+    for huge_pages in (False, True):
+        calls.clear()
+        out = tmp_path / str(huge_pages)
+        course.run_bench(str(out), "trl-python", "trl_ppo_bench.py", 2, 2, huge_pages)
+        who = ["trl" if cmd[0] == "trl-python" else "rlhf" for cmd, _ in calls]
+        assert who == ["rlhf", "trl"] * 2 * len(course.BENCH_SHAPES)  # one after the other, never at once
+        assert all((env.get("THP_MEM_ALLOC_ENABLE") == "1") == huge_pages for _, env in calls)  # both, or neither
+        got = json.loads((out / "summary.json").read_text())["bench"]
+        assert got["huge_pages"] == huge_pages and got["tiny"]["ratio"] == [2.0, 2.0]
+
+
+@needs_course
 def test_each_remedy_recipe_runs_what_its_name_says():
     """Chapter 12's one-command experiments: the flags each recipe passes to each stage must do what its name says.
     A stage a recipe does not run is the lab run's, which it copies (no refresh, one reward model, β 0.3)."""
